@@ -1,0 +1,88 @@
+"""The embedding database: the one on-disk format between create_db.py and train.py.
+
+    <db>/manifest.json   dataset, classes, backbone, weights sha256, transform, counts, speed, versions
+    <db>/train.npz       embeddings (N, D) float16|float32, labels (N,) int64,
+    <db>/val.npz         indices (N,) int64 (row in the source split), groups (N,) int64 if the
+    <db>/test.npz        dataset has natural groups (e.g. Camelyon17 hospitals)
+
+A split may be absent when the source has none. train.py pools the splits it finds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data.io import UserError, read_json
+
+SPLITS = ("train", "val", "test")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Database:
+    path: Path
+    manifest: dict
+    embeddings: np.ndarray   # (N, D) float32, all splits pooled in SPLITS order
+    labels: np.ndarray       # (N,) int64
+    groups: np.ndarray | None
+    source_split: np.ndarray  # (N,) index into SPLITS
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+
+def load_database(path: Path) -> Database:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"--db {path}: no such directory (make one with data/create_db.py)")
+    manifest = read_json(path / "manifest.json", what="database manifest")
+    classes = manifest.get("classes")
+    if not isinstance(classes, list) or not classes:
+        raise UserError(f"{path / 'manifest.json'}: has no 'classes' list")
+    parts = {}
+    for split in SPLITS:
+        file = path / f"{split}.npz"
+        if not file.exists():
+            continue
+        try:
+            with np.load(file) as npz:
+                missing = [k for k in ("embeddings", "labels") if k not in npz.files]
+                if missing:
+                    raise UserError(f"{file}: missing key(s) {missing}")
+                parts[split] = {k: npz[k] for k in npz.files}
+        except UserError:
+            raise
+        except Exception as err:
+            raise UserError(f"{file}: not a readable npz ({type(err).__name__}); re-create the database") from None
+    if not parts:
+        raise UserError(f"--db {path}: holds none of {', '.join(s + '.npz' for s in SPLITS)}")
+    dims = {split: p["embeddings"].shape for split, p in parts.items()}
+    if any(len(s) != 2 for s in dims.values()) or len({s[1] for s in dims.values()}) != 1:
+        raise UserError(f"--db {path}: embeddings must be (N, D) with one D for all splits, got {dims}")
+    for split, p in parts.items():
+        file = path / f"{split}.npz"
+        if p["labels"].shape != (p["embeddings"].shape[0],):
+            raise UserError(f"{file}: {p['labels'].shape[0]} labels for {p['embeddings'].shape[0]} embeddings")
+        if not np.isfinite(p["embeddings"]).all():
+            bad = int((~np.isfinite(p["embeddings"])).any(1).sum())
+            raise UserError(f"{file}: {bad} embedding(s) contain NaN/Inf; re-create the database")
+        labels = p["labels"]
+        if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise UserError(f"{file}: labels must lie in 0..{len(classes) - 1} (the manifest's "
+                            f"{len(classes)} classes), found {labels.min()}..{labels.max()}")
+    has_groups = all("groups" in p for p in parts.values())
+    order = [s for s in SPLITS if s in parts]
+    return Database(
+        path=path, manifest=manifest,
+        embeddings=np.concatenate([parts[s]["embeddings"] for s in order]).astype(np.float32),
+        labels=np.concatenate([parts[s]["labels"] for s in order]).astype(np.int64),
+        groups=np.concatenate([parts[s]["groups"] for s in order]).astype(np.int64) if has_groups else None,
+        source_split=np.concatenate([np.full(len(parts[s]["labels"]), SPLITS.index(s)) for s in order]),
+    )

@@ -1,0 +1,55 @@
+"""Per-client tensors, seeded generators and minibatching shared by every method."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from data.database import Database
+from data.partition import SplitConfig, split_clients
+
+
+@dataclass
+class ClientData:
+    id: int
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def n_train(self) -> int:
+        return len(self.y_train)
+
+
+def build_clients(db: Database, split: SplitConfig, seed: int, device: torch.device) -> list[ClientData]:
+    x = torch.from_numpy(db.embeddings)
+    y = torch.from_numpy(db.labels)
+
+    def take(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.from_numpy(idx)
+        return x[t].to(device), y[t].to(device)
+
+    return [ClientData(i, *take(s.train), *take(s.val), *take(s.test))
+            for i, s in enumerate(split_clients(db.labels, db.groups, split, seed))]
+
+
+def make_generator(seed: int, *keys: int) -> torch.Generator:
+    """An independent CPU generator for one purpose (keys: e.g. client id, a purpose tag)."""
+    state = np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def shuffled_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """One epoch of shuffled minibatch indices (the last batch may be smaller)."""
+    perm = torch.randperm(n, generator=gen)
+    yield from perm.split(batch_size)
+
+
+def poisson_batch(n: int, sample_rate: float, gen: torch.Generator) -> torch.Tensor:
+    """Poisson sampling: each record independently with probability sample_rate (may be empty)."""
+    return torch.nonzero(torch.rand(n, generator=gen) < sample_rate).squeeze(1)

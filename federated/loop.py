@@ -1,0 +1,78 @@
+"""The one simulated round loop: rounds -> finish -> per-client test evaluation -> results files.
+
+A run folder holds config.json, metrics.jsonl (one line per round), results.json (when finished)
+and checkpoint.pt (while unfinished). A finished run is skipped; an unfinished one resumes after
+its last completed round and ends with the same results as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from federated.evaluation import client_metrics, summarize
+from federated.methods.base import Method
+
+RESULTS, METRICS, CHECKPOINT = "results.json", "metrics.jsonl", "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What results.json says about the run besides its numbers."""
+    method: str
+    dataset: str
+    seed: int
+    split: dict
+
+
+def run(method: Method, info: RunInfo, run_dir: Path, *, progress: bool = True,
+        stop_after: int | None = None) -> dict:
+    """Runs (or resumes) `method` in run_dir and returns results.json's content.
+    stop_after: return after that many completed rounds, as a kill would (tests)."""
+    run_dir = Path(run_dir)
+    if (run_dir / RESULTS).exists():
+        return json.loads((run_dir / RESULTS).read_text())
+    rounds = method.ctx.rounds if method.federated else 0
+    start, history, wall = 0, [], 0.0
+    if (run_dir / CHECKPOINT).exists():
+        ckpt = torch.load(run_dir / CHECKPOINT, weights_only=False)
+        method.load_state_dict(ckpt["method"])
+        start, history, wall = ckpt["round"] + 1, ckpt["history"], ckpt["wall_s"]
+        method.ctx.uplink.bytes_sent = ckpt["uplink_bytes"]
+    tic = time.perf_counter()
+    bar = tqdm(range(start, rounds), initial=start, total=rounds, desc=f"{info.method} seed={info.seed}",
+               disable=not progress, leave=False)
+    for rnd in bar:
+        metrics = {"round": rnd, **method.run_round(rnd)}
+        history.append(metrics)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k != "round" and isinstance(v, float)})
+        atomic_torch_save(run_dir / CHECKPOINT, {"round": rnd, "method": method.state_dict(), "history": history,
+                                                 "uplink_bytes": method.ctx.uplink.bytes_sent,
+                                                 "wall_s": wall + time.perf_counter() - tic})
+        atomic_write_text(run_dir / METRICS, "".join(json.dumps(m, sort_keys=True) + "\n" for m in history))
+        if stop_after is not None and rnd + 1 - start >= stop_after:
+            raise InterruptedError(f"stopped after round {rnd}")
+    method.finish()
+    clients = []
+    for c in method.ctx.clients:
+        with torch.no_grad():
+            pred = method.predict(c, c.x_test).argmax(1)
+        m = client_metrics(c.y_test, pred)
+        clients.append({"id": c.id, "n_train": c.n_train, "n_val": len(c.y_val), "n_test": len(c.y_test), **m})
+    results = {
+        "method": info.method, "dataset": info.dataset, "seed": info.seed, "split": info.split,
+        "rounds": rounds, "clients": clients, "summary": summarize(clients),
+        "communication": {"uplink_bytes_total": method.ctx.uplink.bytes_sent,
+                          "uplink_bytes_per_client_round": (method.ctx.uplink.bytes_sent / rounds / len(clients)
+                                                            if rounds else 0)},
+        **method.report(),
+        "timing": {"wall_s": round(wall + time.perf_counter() - tic, 3)},
+    }
+    atomic_write_json(run_dir / RESULTS, results)
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    return results

@@ -1,0 +1,25 @@
+"""FedProx (Li et al. 2020): FedAvg plus the proximal term mu/2 * ||w - w_global||^2."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from federated.methods.fedavg import FedAvg, FedAvgConfig
+
+
+@dataclass(frozen=True)
+class FedProxConfig(FedAvgConfig):
+    mu: float = 0.05
+
+
+class FedProx(FedAvg):
+    name = "fedprox"
+    Config = FedProxConfig
+
+    def local_penalty(self, global_state):
+        mu = self.cfg.mu
+
+        def proximal(model: torch.nn.Module) -> torch.Tensor:
+            return 0.5 * mu * sum((p - global_state[k]).pow(2).sum() for k, p in model.named_parameters())
+        return proximal

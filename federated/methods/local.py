@@ -1,0 +1,53 @@
+"""Reference rows: each client alone (`local`) and all training data pooled (`centralized`).
+
+Both train the downstream linear classifier with the downstream optimiser settings, the same
+trainer the anonymizers use on real + synthetic data, so `local` is their no-sharing baseline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from federated.clients import ClientData, make_generator
+from federated.methods.base import DOWNSTREAM, SERVER, Method, RunContext
+from federated.training import OptimConfig, fit_classifier, predict_proba
+
+
+@dataclass(frozen=True)
+class DownstreamConfig:
+    downstream: OptimConfig = field(default_factory=lambda: OptimConfig(
+        optimizer="adam", lr=1e-3, momentum=0.0, weight_decay=0.0, batch_size=0, epochs=100))
+
+
+class Local(Method):
+    name = "local"
+    Config = DownstreamConfig
+    federated = False
+
+    def __init__(self, ctx: RunContext, cfg: DownstreamConfig) -> None:
+        super().__init__(ctx, cfg)
+        self.models: dict[int, torch.nn.Module] = {}
+
+    def finish(self) -> None:
+        for c in self.ctx.clients:
+            self.models[c.id] = fit_classifier(c.x_train, c.y_train, self.ctx.n_classes, self.cfg.downstream,
+                                               make_generator(self.ctx.seed, c.id, DOWNSTREAM))
+
+    def predict(self, client: ClientData, x: torch.Tensor) -> torch.Tensor:
+        return predict_proba(self.models[client.id], x)
+
+
+class Centralized(Method):
+    name = "centralized"
+    Config = DownstreamConfig
+    federated = False
+
+    def finish(self) -> None:
+        x = torch.cat([c.x_train for c in self.ctx.clients])
+        y = torch.cat([c.y_train for c in self.ctx.clients])
+        self.model = fit_classifier(x, y, self.ctx.n_classes, self.cfg.downstream,
+                                    make_generator(self.ctx.seed, SERVER, DOWNSTREAM))
+
+    def predict(self, client: ClientData, x: torch.Tensor) -> torch.Tensor:
+        return predict_proba(self.model, x)

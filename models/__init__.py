@@ -1,0 +1,1 @@
+"""Plain nn.Modules: no argparse, no file I/O, no training loops."""

@@ -1,0 +1,212 @@
+"""The one entry point: federated training + downstream evaluation of every method.
+
+    python train.py --db assets/organamnist_vits14_224 --method fedavg --seeds 3407 12345 202502
+
+Each seed writes results/<dataset>/<method>/<tag>/seed=<s>/{config,results}.json + metrics.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.database import load_database
+from data.io import UserError, atomic_write_json, package_versions, read_json, run_cli
+from data.partition import PARTITIONERS, SplitConfig
+from federated.clients import build_clients
+from federated.loop import RESULTS, RunInfo, run
+from federated.methods import METHODS
+from federated.methods.base import RunContext
+from federated.training import OPTIMIZERS
+
+ALGORITHM_ALIASES = {"normal": "fedavg", "fedprox": "fedprox"}          # the reference's --algorithm
+ANONYMIZER_ALIASES = {"cvae_fedavg": "dpcvae", "cgan_fedavg": "dpcgan"}  # the reference's --anonymizer
+# Flags that do not change a run's results (they may differ when a run is resumed).
+NOT_RESULT_FLAGS = {"seeds", "out", "progress", "threads", "method", "algorithm", "anonymizer"}
+
+
+def floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Federated training and evaluation on an embedding database.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("Method")
+    g.add_argument("--method", default=None, choices=sorted(METHODS), help="strategy to run (default fedavg)")
+    g.add_argument("--algorithm", default=None, choices=sorted(ALGORITHM_ALIASES),
+                   help="reference-code alias: normal = fedavg, fedprox = fedprox")
+    g.add_argument("--anonymizer", default=None, choices=sorted(ANONYMIZER_ALIASES),
+                   help="reference-code alias: cvae_fedavg = dpcvae, cgan_fedavg = dpcgan")
+
+    g = p.add_argument_group("Data and clients")
+    g.add_argument("--db", type=Path, required=True, help="embedding database folder (data/create_db.py)")
+    g.add_argument("--dataset-name", default=None, help="name in the results path (default: the database's)")
+    g.add_argument("--n-clients", type=int, default=10, help="number of clients")
+    g.add_argument("--split", dest="split_kind", default="dirichlet", choices=sorted(PARTITIONERS),
+                   help="how samples are spread over clients")
+    g.add_argument("--alpha", type=float, default=0.3, help="Dirichlet concentration (smaller = more skew)")
+    g.add_argument("--split-seed", type=int, default=202502, help="seed of the client split (fixed across runs)")
+    g.add_argument("--min-samples", type=int, default=10, help="minimum samples per client")
+    g.add_argument("--test-frac", type=float, default=0.2, help="per-client, per-label test fraction")
+    g.add_argument("--val-frac", type=float, default=0.2, help="validation fraction of the remaining data")
+
+    g = p.add_argument_group("Federated training (FedAvg, FedProx, FedLambda)")
+    g.add_argument("--rounds", type=int, default=50, help="communication rounds")
+    g.add_argument("--local-epochs", dest="local_epochs", type=int, default=5, help="local epochs per round")
+    g.add_argument("--batch-size", dest="local_batch_size", type=int, default=128, help="local batch size")
+    g.add_argument("--optimizer", dest="local_optimizer", default="sgd", choices=OPTIMIZERS, help="local optimiser")
+    g.add_argument("--lr", dest="local_lr", type=float, default=1e-3, help="local learning rate (constant)")
+    g.add_argument("--momentum", dest="local_momentum", type=float, default=0.5, help="SGD momentum")
+    g.add_argument("--weight-decay", dest="local_weight_decay", type=float, default=5e-4, help="weight decay")
+    g.add_argument("--mu", type=float, default=0.05, help="FedProx proximal weight")
+
+    g = p.add_argument_group("FedLambda")
+    g.add_argument("--fedlambda-local", dest="local_model", default="knn", choices=["knn", "linear"],
+                   help="local model mixed with the global one: kNN (kNN-Per) or a linear classifier (published code)")
+    g.add_argument("--lambda-grid", type=floats, default=tuple(i / 10 for i in range(11)),
+                   help="comma-separated lambda values searched on validation data")
+    g.add_argument("--k-grid", type=ints, default=(5, 10, 20, 50), help="comma-separated k values for kNN")
+    g.add_argument("--knn-temperature", type=float, default=0.1, help="kNN vote weights exp(-distance / T)")
+    g.add_argument("--lambda-selection", default="client", choices=["client", "global"],
+                   help="one lambda per client, or one for all clients (published code)")
+
+    g = p.add_argument_group("Downstream classifier (local, centralized, FedLambda-linear, anonymizers)")
+    g.add_argument("--downstream-optimizer", default="adam", choices=OPTIMIZERS, help="optimiser")
+    g.add_argument("--downstream-lr", type=float, default=1e-3, help="learning rate")
+    g.add_argument("--downstream-momentum", type=float, default=0.0, help="SGD momentum")
+    g.add_argument("--downstream-weight-decay", type=float, default=0.0, help="weight decay")
+    g.add_argument("--downstream-batch-size", type=int, default=0, help="batch size (0 = full batch)")
+    g.add_argument("--downstream-epochs", type=int, default=100, help="epochs")
+
+    g = p.add_argument_group("Run")
+    g.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[3407],
+                   help="one run per seed (the papers average 3407 12345 202502)")
+    g.add_argument("--out", type=Path, default=Path("results"), help="results root")
+    g.add_argument("--tag", default=None, help="run-folder tag (default: derived from the split)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def resolve_method(args: argparse.Namespace) -> str:
+    named = {v for v in (args.method, ALGORITHM_ALIASES.get(args.algorithm),
+                         ANONYMIZER_ALIASES.get(args.anonymizer)) if v}
+    if len(named) > 1:
+        raise UserError(f"--method/--algorithm/--anonymizer name different methods: {sorted(named)}")
+    name = named.pop() if named else "fedavg"
+    if name not in METHODS:
+        raise UserError(f"--method {name!r} is not available; valid: {', '.join(sorted(METHODS))}")
+    return name
+
+
+def build_config(cls: type, args: argparse.Namespace, prefix: str = ""):
+    """A method's typed config from the flags whose dest equals (prefix +) each field name."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = build_config(hints[f.name], args, f"{prefix}{f.name}_")
+        else:
+            value = getattr(args, prefix + f.name)
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
+
+
+def default_tag(split: SplitConfig) -> str:
+    if split.kind == "dirichlet":
+        return f"dirichlet_a{split.alpha:g}_c{split.n_clients}"
+    return f"{split.kind}_c{split.n_clients}"
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    positive = {"rounds": args.rounds, "local-epochs": args.local_epochs, "n-clients": args.n_clients,
+                "downstream-epochs": args.downstream_epochs}
+    for flag, value in positive.items():
+        if value < 1:
+            raise UserError(f"--{flag} must be >= 1, got {value}")
+    if args.local_batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.local_batch_size}")
+    if args.downstream_batch_size < 0:
+        raise UserError(f"--downstream-batch-size must be >= 0 (0 = full batch), got {args.downstream_batch_size}")
+    if args.split_kind == "dirichlet" and args.alpha <= 0:
+        raise UserError(f"--alpha must be > 0, got {args.alpha}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+
+
+def main(args: argparse.Namespace) -> int:
+    method_name = resolve_method(args)
+    check_flags(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    db = load_database(args.db)
+    dataset = args.dataset_name or db.manifest.get("dataset") or db.path.name
+    split = SplitConfig(kind=args.split_kind, n_clients=args.n_clients, alpha=args.alpha,
+                        split_seed=args.split_seed, min_samples=args.min_samples,
+                        test_frac=args.test_frac, val_frac=args.val_frac)
+    method_cls = METHODS[method_name]
+    method_cfg = build_config(method_cls.Config, args)
+    tag = args.tag or default_tag(split)
+    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())}
+    settings = {k: v for k, v in flags.items() if k not in NOT_RESULT_FLAGS}
+    device = torch.device(args.device)
+    summaries = []
+    for seed in args.seeds:
+        run_dir = args.out / dataset / method_name / tag / f"seed={seed}"
+        config = {"method": method_name, "seed": seed, "settings": settings, "flags": flags,
+                  "method_config": dataclasses.asdict(method_cfg), "split": dataclasses.asdict(split),
+                  "database": {"path": str(db.path), "dataset": db.manifest.get("dataset"),
+                               "backbone": db.manifest.get("backbone"), "dim": db.dim, "n": len(db.labels)},
+                  "git_commit": git_commit(), "packages": package_versions()}
+        if (run_dir / "config.json").exists():
+            old = read_json(run_dir / "config.json", what="run config")
+            if old.get("settings") != settings or old.get("method") != method_name:
+                changed = sorted(k for k in set(settings) | set(old.get("settings", {}))
+                                 if settings.get(k) != old.get("settings", {}).get(k))
+                raise UserError(f"{run_dir}: holds a run with other settings ({', '.join(changed)}); "
+                                "pass --tag NAME for a new run folder")
+        if (run_dir / RESULTS).exists():
+            print(f"{run_dir}: finished, skipped")
+        else:
+            atomic_write_json(run_dir / "config.json", config)
+        clients = build_clients(db, split, seed, device)
+        ctx = RunContext(clients=clients, n_classes=len(db.classes), dim=db.dim, seed=seed,
+                         rounds=args.rounds, device=device)
+        info = RunInfo(method=method_name, dataset=dataset, seed=seed,
+                       split={"kind": split.kind, "alpha": split.alpha if split.kind == "dirichlet" else None,
+                              "n_clients": split.n_clients, "split_seed": split.split_seed})
+        results = run(method_cls(ctx, method_cfg), info, run_dir, progress=args.progress)
+        s = results["summary"]
+        summaries.append(s)
+        print(f"{method_name} seed={seed}: acc {100 * s['acc_mean']:.2f} ± {100 * s['acc_std']:.2f}  "
+              f"bacc {100 * s['bacc_mean']:.2f} ± {100 * s['bacc_std']:.2f}  -> {run_dir}")
+    if len(summaries) > 1:
+        acc = np.array([s["acc_mean"] for s in summaries])
+        bacc = np.array([s["bacc_mean"] for s in summaries])
+        print(f"{method_name} over {len(summaries)} seeds: acc {100 * acc.mean():.2f} ± {100 * acc.std():.2f}  "
+              f"bacc {100 * bacc.mean():.2f} ± {100 * bacc.std():.2f} (std across seeds)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))
