@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import subprocess
 import sys
 import typing
@@ -168,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
     method_cfg = build_config(method_cls.Config, args)
     tag = args.tag or default_tag(split)
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())}
-    settings = {k: v for k, v in flags.items() if k not in NOT_RESULT_FLAGS}
+    settings = json.loads(json.dumps({k: v for k, v in flags.items() if k not in NOT_RESULT_FLAGS}))
     device = torch.device(args.device)
     summaries = []
     for seed in args.seeds:

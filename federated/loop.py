@@ -44,6 +44,8 @@ def run(method: Method, info: RunInfo, run_dir: Path, *, progress: bool = True,
         method.load_state_dict(ckpt["method"])
         start, history, wall = ckpt["round"] + 1, ckpt["history"], ckpt["wall_s"]
         method.ctx.uplink.bytes_sent = ckpt["uplink_bytes"]
+    if not history:
+        atomic_write_text(run_dir / METRICS, "")
     tic = time.perf_counter()
     bar = tqdm(range(start, rounds), initial=start, total=rounds, desc=f"{info.method} seed={info.seed}",
                disable=not progress, leave=False)

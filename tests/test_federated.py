@@ -1,0 +1,213 @@
+"""train.py, the round loop and the baselines on tiny fixtures."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+
+from conftest import ROOT, write_db
+from data.io import UserError
+from federated.evaluation import client_metrics
+from federated.methods import METHODS
+from federated.methods.fedavg import weighted_average
+import train
+
+FAST = ["--rounds", "2", "--lr", "0.05", "--n-clients", "3", "--local-epochs", "1", "--downstream-epochs", "20", "--downstream-batch-size", "32",
+        "--no-progress", "--min-samples", "5"]
+
+
+def run_train(db, out, *extra, seeds=("1",)):
+    args = train.get_args_parser().parse_args(["--db", str(db), "--out", str(out), *FAST, "--seeds", *seeds, *extra])
+    assert train.main(args) == 0
+    return out
+
+
+def results_of(out, method, seed=1):
+    return json.loads(next(out.glob(f"*/{method}/*/seed={seed}/results.json")).read_text())
+
+
+def metrics_of(out, method, seed=1):
+    return next(out.glob(f"*/{method}/*/seed={seed}/metrics.jsonl")).read_text()
+
+
+def strip_timing(results: dict) -> dict:
+    return {k: v for k, v in results.items() if k != "timing"}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_and_writes_the_results_contract(tiny_db, tmp_path, method):
+    out = run_train(tiny_db, tmp_path / "res", "--method", method)
+    run_dir = next(out.glob(f"toy/{method}/*/seed=1"))
+    res = json.loads((run_dir / "results.json").read_text())
+    for key in ("method", "dataset", "seed", "split", "clients", "summary", "timing"):
+        assert key in res
+    assert res["split"]["kind"] == "dirichlet" and res["split"]["n_clients"] == 3
+    assert {"id", "n_train", "n_test", "acc", "bacc", "f1_macro"} <= set(res["clients"][0])
+    assert {"acc_mean", "acc_std", "bacc_mean", "bacc_std", "f1_macro_mean"} <= set(res["summary"])
+    assert res["summary"]["acc_mean"] > 0.5  # well-separated clusters
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["flags"]["rounds"] == 2 and "torch" in config["packages"] and "git_commit" in config
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == (2 if METHODS[method].federated else 0)
+    assert not (run_dir / "checkpoint.pt").exists()
+
+
+def test_weighted_average_reference_numbers():
+    states = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}]
+    avg = weighted_average(states, torch.tensor([0.25, 0.75]))
+    assert torch.allclose(avg["w"], torch.tensor([2.5, 5.0]))
+
+
+def test_fedavg_round_is_the_sample_weighted_average_of_local_models(tiny_db):
+    from data.database import load_database
+    from data.partition import SplitConfig
+    from federated.clients import build_clients
+    from federated.methods.base import RunContext
+    from federated.methods.fedavg import FedAvg, FedAvgConfig
+    db = load_database(tiny_db)
+    clients = build_clients(db, SplitConfig(n_clients=3, min_samples=5), 0, torch.device("cpu"))
+    method = FedAvg(RunContext(clients, 4, db.dim, 0, 1, torch.device("cpu")), FedAvgConfig())
+    sent = []
+    method.ctx.uplink.observers.append(lambda cid, payload: sent.append(payload))
+    method.run_round(0)
+    n = torch.tensor([c.n_train for c in clients], dtype=torch.float64)
+    expected = sum((n[i] / n.sum()).item() * sent[i]["weight"] for i in range(3))
+    assert torch.allclose(method.model.weight, expected, atol=1e-6)
+    assert not torch.allclose(sent[0]["weight"], sent[1]["weight"])
+
+
+def test_fedprox_with_mu_zero_equals_fedavg(tiny_db, tmp_path):
+    run_train(tiny_db, tmp_path / "a", "--method", "fedavg")
+    run_train(tiny_db, tmp_path / "b", "--method", "fedprox", "--mu", "0")
+    a, b = results_of(tmp_path / "a", "fedavg"), results_of(tmp_path / "b", "fedprox")
+    assert a["clients"] == b["clients"]
+    assert metrics_of(tmp_path / "a", "fedavg") == metrics_of(tmp_path / "b", "fedprox")
+    run_train(tiny_db, tmp_path / "c", "--method", "fedprox", "--mu", "1.0")
+    assert metrics_of(tmp_path / "c", "fedprox") != metrics_of(tmp_path / "a", "fedavg")
+
+
+def test_fedlambda_with_lambda_zero_equals_the_global_model(tiny_db, tmp_path):
+    db = write_db(tmp_path / "hard", spread=4.0)  # overlapping classes: predictions differ across methods
+    run_train(db, tmp_path / "a", "--method", "fedavg")
+    run_train(db, tmp_path / "b", "--method", "fedlambda", "--lambda-grid", "0")
+    a, b = results_of(tmp_path / "a", "fedavg"), results_of(tmp_path / "b", "fedlambda")
+    assert a["clients"] == b["clients"]
+    assert all(c["lambda"] == 0 for c in b["fedlambda"]["clients"])
+    run_train(db, tmp_path / "c", "--method", "fedlambda", "--lambda-grid", "1", "--k-grid", "1")
+    assert results_of(tmp_path / "c", "fedlambda")["clients"] != a["clients"]
+
+
+def test_metrics_agree_with_scikit_learn():
+    rng = np.random.default_rng(0)
+    y_true, y_pred = rng.integers(0, 5, 200), rng.integers(0, 6, 200)
+    m = client_metrics(y_true, y_pred)
+    assert m["acc"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert m["f1_macro"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    assert m["f1_weighted"] == pytest.approx(f1_score(y_true, y_pred, average="weighted"))
+    recalls = [np.mean(y_pred[y_true == c] == c) for c in range(5)]
+    assert m["bacc"] == pytest.approx(np.mean(recalls))
+    # balanced accuracy counts only the classes present in the client's test labels
+    assert client_metrics([0, 0, 1], [0, 2, 1])["bacc"] == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_same_seed_gives_byte_identical_results(tmp_path):
+    tiny_db = write_db(tmp_path / "hard", spread=4.0)
+    for out in ("a", "b"):
+        run_train(tiny_db, tmp_path / out, "--method", "fedlambda", seeds=("5",))
+    a, b = results_of(tmp_path / "a", "fedlambda", 5), results_of(tmp_path / "b", "fedlambda", 5)
+    assert json.dumps(strip_timing(a)) == json.dumps(strip_timing(b))
+    run_train(tiny_db, tmp_path / "c", "--method", "fedlambda", seeds=("6",))
+    assert results_of(tmp_path / "c", "fedlambda", 6)["clients"] != a["clients"]
+
+
+def test_kill_and_resume_equals_uninterrupted(tiny_db, tmp_path):
+    from federated import loop
+    argv = ["--method", "fedprox", "--rounds", "4"]
+    run_train(tiny_db, tmp_path / "full", *argv)
+    original = loop.run
+
+    def killed(*a, **k):
+        return original(*a, **k, stop_after=2)
+    train.run = killed
+    try:
+        with pytest.raises(InterruptedError):
+            run_train(tiny_db, tmp_path / "resumed", *argv)
+    finally:
+        train.run = original
+    run_dir = next((tmp_path / "resumed").glob("toy/fedprox/*/seed=1"))
+    assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "results.json").exists()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    run_train(tiny_db, tmp_path / "resumed", *argv)
+    a, b = results_of(tmp_path / "full", "fedprox"), results_of(tmp_path / "resumed", "fedprox")
+    assert json.dumps(strip_timing(a)) == json.dumps(strip_timing(b))
+    full_metrics = next((tmp_path / "full").glob("toy/fedprox/*/seed=1/metrics.jsonl")).read_text()
+    assert (run_dir / "metrics.jsonl").read_text() == full_metrics
+
+
+def test_finished_run_is_skipped_and_changed_settings_refused(tiny_db, tmp_path, capsys):
+    run_train(tiny_db, tmp_path / "r", "--method", "fedavg")
+    run_train(tiny_db, tmp_path / "r", "--method", "fedavg")
+    assert "finished, skipped" in capsys.readouterr().out
+    with pytest.raises(UserError, match="other settings .*local_lr"):
+        run_train(tiny_db, tmp_path / "r", "--method", "fedavg", "--lr", "0.5")
+
+
+def test_reference_aliases(tiny_db, tmp_path):
+    run_train(tiny_db, tmp_path / "r", "--algorithm", "normal")
+    run_train(tiny_db, tmp_path / "r", "--algorithm", "fedprox")
+    assert results_of(tmp_path / "r", "fedavg") and results_of(tmp_path / "r", "fedprox")
+    with pytest.raises(UserError, match="name different methods"):
+        run_train(tiny_db, tmp_path / "r", "--algorithm", "normal", "--method", "fedprox")
+
+
+def bad_db(tmp_path, case):
+    db = write_db(tmp_path / case)
+    if case == "nan":
+        with np.load(db / "train.npz") as npz:
+            arrays = dict(npz)
+        arrays["embeddings"][3, 1] = np.nan
+        np.savez(db / "train.npz", **arrays)
+    if case == "labels":
+        with np.load(db / "test.npz") as npz:
+            arrays = dict(npz)
+        arrays["labels"][0] = 9
+        np.savez(db / "test.npz", **arrays)
+    if case == "dims":
+        with np.load(db / "val.npz") as npz:
+            arrays = dict(npz)
+        arrays["embeddings"] = arrays["embeddings"][:, :5]
+        np.savez(db / "val.npz", **arrays)
+    if case == "missing":
+        db = tmp_path / "nowhere"
+    return db
+
+
+@pytest.mark.parametrize("case,extra,message", [
+    ("missing", [], "no such directory"),
+    ("nan", [], "contain NaN/Inf"),
+    ("labels", [], "labels must lie in 0..3"),
+    ("dims", [], "one D for all splits"),
+    ("ok", ["--n-clients", "5000"], "exceeds the 600 samples"),
+    ("ok", ["--alpha", "0"], "--alpha must be > 0"),
+    ("ok", ["--split", "natural"], "needs a database with groups"),
+    ("ok", ["--rounds", "0"], "--rounds must be >= 1"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, case, extra, message):
+    db = bad_db(tmp_path, case)
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--db", str(db), "--out", str(tmp_path / "o"),
+                           "--no-progress", *extra], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert message in proc.stderr
+
+
+def test_unknown_method_lists_the_valid_ones(tiny_db):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--db", str(tiny_db), "--method", "fedsgd"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice: 'fedsgd'" in proc.stderr
+    assert all(name in proc.stderr for name in METHODS)
