@@ -90,6 +90,38 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--downstream-batch-size", type=int, default=0, help="batch size (0 = full batch)")
     g.add_argument("--downstream-epochs", type=int, default=100, help="epochs")
 
+    g = p.add_argument_group("Anonymizers: generative model (DP-CVAE, DP-CGAN)")
+    g.add_argument("--gen-lr", type=float, default=None, help="generator optimiser (Adam) learning rate "
+                   "(default: DP-CVAE 1e-3, DP-CGAN 2e-4)")
+    g.add_argument("--gen-batch-size", type=int, default=256, help="expected (Poisson) batch size")
+    g.add_argument("--gen-local-epochs", type=int, default=5, help="local epochs per round")
+    g.add_argument("--cvae-hidden", dest="hidden", type=int, default=256, help="CVAE hidden width")
+    g.add_argument("--latent", type=int, default=100, help="latent dimension")
+    g.add_argument("--beta", type=float, default=0.1, help="CVAE KL weight")
+
+    g = p.add_argument_group("Privacy")
+    g.add_argument("--no-dp", dest="privacy_enabled", action="store_false",
+                   help="train the anonymizers without DP (ablation)")
+    g.add_argument("--epsilon", dest="privacy_target_epsilon", type=float, default=1.0,
+                   help="target epsilon for each client over the whole run")
+    g.add_argument("--delta", dest="privacy_delta", type=float, default=1e-4, help="target delta")
+    g.add_argument("--max-grad-norm", dest="privacy_max_grad_norm", type=float, default=1.5,
+                   help="per-sample clipping bound C")
+    g.add_argument("--accountant", dest="privacy_accountant", default="prv", choices=["prv", "rdp"],
+                   help="Opacus accountant used to calibrate and report epsilon")
+    g.add_argument("--count-noise", dest="privacy_count_noise", type=float, default=100.0,
+                   help="std of the Gaussian noise on the client size released for aggregation weights")
+
+    g = p.add_argument_group("Synthesis")
+    g.add_argument("--synthesis", dest="synthesis_policy", default="fill", choices=["fill", "reference", "uniform"],
+                   help="fill: top up every class to the client's largest; reference: as many as each real "
+                        "class (x factor, published code); uniform: --synthetic-per-class each")
+    g.add_argument("--generated-factor", dest="synthesis_factor", type=float, default=1.0,
+                   help="scales the fill target / the reference counts")
+    g.add_argument("--synthetic-per-class", dest="synthesis_per_class", type=int, default=0,
+                   help="samples per class for --synthesis uniform")
+    g.add_argument("--z-var", dest="synthesis_z_var", type=float, default=1.0, help="latent variance when sampling")
+
     g = p.add_argument_group("Run")
     g.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[3407],
                    help="one run per seed (the papers average 3407 12345 202502)")
@@ -112,17 +144,20 @@ def resolve_method(args: argparse.Namespace) -> str:
     return name
 
 
-def build_config(cls: type, args: argparse.Namespace, prefix: str = ""):
-    """A method's typed config from the flags whose dest equals (prefix +) each field name."""
+def build_config(cls: type, args: argparse.Namespace, prefix: str = "", default=None):
+    """A method's typed config from the flags whose dest equals (prefix +) each field name; a flag
+    left at None keeps the method's own default (e.g. DP-CGAN's generator learning rate)."""
     hints = typing.get_type_hints(cls)
+    default = default if default is not None else cls()
     values = {}
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
-            values[f.name] = build_config(hints[f.name], args, f"{prefix}{f.name}_")
+            values[f.name] = build_config(hints[f.name], args, f"{prefix}{f.name}_", getattr(default, f.name))
         else:
             value = getattr(args, prefix + f.name)
-            values[f.name] = tuple(value) if isinstance(value, list) else value
-    return cls(**values)
+            if value is not None:
+                values[f.name] = tuple(value) if isinstance(value, list) else value
+    return dataclasses.replace(default, **values)
 
 
 def default_tag(split: SplitConfig) -> str:

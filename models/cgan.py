@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from models.cvae import mlp
+from models.cvae import mlp, one_hot
 
 
 class Generator(nn.Module):
@@ -15,7 +14,7 @@ class Generator(nn.Module):
         self.net = mlp([latent + n_classes, *hidden, dim], nn.LeakyReLU, negative_slope=0.2)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([z, F.one_hot(y, self.n_classes).to(z.dtype)], dim=-1))
+        return self.net(torch.cat([z, one_hot(y, self.n_classes, z.dtype)], dim=-1))
 
 
 class Discriminator(nn.Module):
@@ -27,4 +26,4 @@ class Discriminator(nn.Module):
         self.net = mlp([dim + n_classes, *hidden, 1], nn.LeakyReLU, negative_slope=0.2)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([x, F.one_hot(y, self.n_classes).to(x.dtype)], dim=-1)).squeeze(-1)
+        return self.net(torch.cat([x, one_hot(y, self.n_classes, x.dtype)], dim=-1)).squeeze(-1)

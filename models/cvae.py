@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+
+def one_hot(y: torch.Tensor, n_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """F.one_hot without its data-dependent range check, so that it works under torch.func.vmap."""
+    return (y.unsqueeze(-1) == torch.arange(n_classes, device=y.device)).to(dtype)
 
 
 def mlp(sizes: list[int], activation: type[nn.Module] = nn.ReLU, **act_kwargs) -> nn.Sequential:
@@ -27,12 +31,12 @@ class CVAE(nn.Module):
         self.decoder = mlp([latent + n_classes, *[hidden] * depth, dim])
 
     def encode(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.encoder(torch.cat([x, F.one_hot(y, self.n_classes).to(x.dtype)], dim=-1))
+        h = self.encoder(torch.cat([x, one_hot(y, self.n_classes, x.dtype)], dim=-1))
         mu, logvar = h.chunk(2, dim=-1)
         return mu, logvar
 
     def decode(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.decoder(torch.cat([z, F.one_hot(y, self.n_classes).to(z.dtype)], dim=-1))
+        return self.decoder(torch.cat([z, one_hot(y, self.n_classes, z.dtype)], dim=-1))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """eps ~ N(0, I) is an input, so that the loss is a deterministic function of its inputs
@@ -42,10 +46,11 @@ class CVAE(nn.Module):
         return self.decode(z, y), mu, logvar
 
 
-def cvae_loss(recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-              beta: float) -> torch.Tensor:
-    """MSE (mean over features) + beta * KL(q || N(0, I)) (sum over latent dims); both averaged
-    over the batch. The reference summed the KL over the batch, an effective beta of ~26."""
-    mse = (recon - x).pow(2).mean(-1)
-    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)
-    return (mse + beta * kl).mean()
+    def per_sample_loss(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, beta: float) -> torch.Tensor:
+        """MSE (mean over features) + beta * KL(q || N(0, I)) (sum over latent dims), per sample.
+        Averaged over the batch by the caller; the reference summed the KL over the batch (an
+        effective beta of ~26)."""
+        recon, mu, logvar = self(x, y, eps)
+        mse = (recon - x).pow(2).mean(-1)
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)
+        return mse + beta * kl

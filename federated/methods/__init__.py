@@ -1,5 +1,7 @@
 """The method registry: adding a method = one file + one line here."""
 from federated.methods.base import Method
+from federated.methods.dpcgan import DPCGAN
+from federated.methods.dpcvae import DPCVAE
 from federated.methods.fedavg import FedAvg
 from federated.methods.fedlambda import FedLambda
 from federated.methods.fedprox import FedProx
@@ -11,4 +13,6 @@ METHODS: dict[str, type[Method]] = {
     "fedlambda": FedLambda,
     "local": Local,
     "centralized": Centralized,
+    "dpcvae": DPCVAE,
+    "dpcgan": DPCGAN,
 }

@@ -1,0 +1,205 @@
+"""What every anonymizer shares: DP bookkeeping per client, noisy aggregation weights, synthesis with a
+class policy, and the downstream classifier on real + synthetic data.
+
+A subclass supplies the generative model through three hooks: `local_train` (one round on one
+client, returns the payload it sends), `aggregate` (server side) and `sample` (synthetic embeddings
+for given labels, on a client, after training).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from data.io import UserError
+from federated.clients import ClientData, make_generator, poisson_batch
+from federated.methods.base import DOWNSTREAM, NOISE, SYNTH, Method, RunContext
+from federated.methods.fedavg import weighted_average
+from federated.privacy import ClientAccountant, PrivacyConfig, add_noise, calibrate_noise, epsilon_of
+from federated.training import OptimConfig, fit_classifier, predict_proba
+
+POLICIES = ("fill", "reference", "uniform")
+
+
+@dataclass(frozen=True)
+class GenTrainConfig:
+    lr: float = 1e-3
+    batch_size: int = 256       # expected (Poisson) batch size
+    local_epochs: int = 5
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    policy: str = "fill"       # fill: top every class up to factor x the client's largest class
+    factor: float = 1.0        # reference: factor x each class's own count; uniform: per_class each
+    per_class: int = 0
+    z_var: float = 1.0         # latent variance when sampling
+
+
+def synthetic_counts(class_counts: torch.Tensor, cfg: SynthesisConfig) -> torch.Tensor:
+    """Synthetic samples per class for one client (its own counts never leave it)."""
+    if cfg.policy == "fill":
+        target = math.ceil(cfg.factor * int(class_counts.max()))
+        return (target - class_counts).clamp(min=0)
+    if cfg.policy == "reference":
+        return (cfg.factor * class_counts).round().long()
+    if cfg.policy == "uniform":
+        return torch.full_like(class_counts, cfg.per_class)
+    raise UserError(f"--synthesis {cfg.policy!r} is unknown; valid: {', '.join(POLICIES)}")
+
+
+@dataclass(frozen=True)
+class AnonymizerConfig:
+    gen: GenTrainConfig = field(default_factory=GenTrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    downstream: OptimConfig = field(default_factory=lambda: OptimConfig(
+        optimizer="adam", lr=1e-3, momentum=0.0, weight_decay=0.0, batch_size=0, epochs=100))
+
+
+class Anonymizer(Method):
+    """DP-trained federated generator -> local synthesis -> downstream classifier on real + synthetic."""
+
+    def __init__(self, ctx: RunContext, cfg: AnonymizerConfig) -> None:
+        super().__init__(ctx, cfg)
+        if cfg.synthesis.policy not in POLICIES:
+            raise UserError(f"--synthesis {cfg.synthesis.policy!r} is unknown; valid: {', '.join(POLICIES)}")
+        if cfg.gen.batch_size < 1 or cfg.gen.local_epochs < 1:
+            raise UserError("--gen-batch-size and --gen-local-epochs must be >= 1")
+        self.privacy = cfg.privacy
+        # Opacus's convention: q = 1 / (batches per epoch), that many Poisson steps per epoch
+        self.steps_per_epoch = [math.ceil(c.n_train / cfg.gen.batch_size) for c in ctx.clients]
+        self.sample_rates = [1 / s for s in self.steps_per_epoch]
+        self.noise_gens = [make_generator(ctx.seed, c.id, NOISE) for c in ctx.clients]
+        self.accountants = [ClientAccountant(self.privacy) for _ in ctx.clients]
+        self.noise_multipliers = [0.0] * len(ctx.clients)
+        released, calibrated = [], {}
+        for i, c in enumerate(ctx.clients):
+            total = ctx.rounds * cfg.gen.local_epochs * self.steps_per_epoch[i]
+            count_sigma = self.privacy.count_noise  # sensitivity 1: the noise multiplier is the std
+            if self.privacy.enabled:
+                q = self.sample_rates[i]
+                if (q, total) not in calibrated:  # clients with the same plan share one calibration
+                    calibrated[q, total] = calibrate_noise(
+                        lambda s: [(count_sigma, 1.0, 1), *self.planned_history(s, q, total)], self.privacy)
+                self.noise_multipliers[i] = calibrated[q, total]
+                self.accountants[i].release("n_train", count_sigma)
+                noisy = c.n_train + count_sigma * float(torch.randn(1, generator=self.noise_gens[i]))
+                released.append(max(noisy, 1.0))
+            else:
+                released.append(float(c.n_train))
+        # aggregation weights from the released (noisy) client sizes, sent once through the channel
+        sizes = [ctx.uplink.send(c.id, {"n_train": torch.tensor([n])})["n_train"] for c, n in zip(ctx.clients, released)]
+        total_size = torch.cat(sizes).sum()
+        self.agg_weights = torch.cat(sizes) / total_size
+        self.downstream_models: dict[int, torch.nn.Module] = {}
+        self.synthetic_sizes: dict[int, int] = {}
+
+    def planned_history(self, sigma: float, sample_rate: float, steps: int) -> list[tuple[float, float, int]]:
+        """The noisy training steps the whole run will take (a subclass may add releases)."""
+        return [(sigma, sample_rate, steps)]
+
+    # --- DP-SGD ------------------------------------------------------------------------------
+    def poisson_indices(self, i: int, gen: torch.Generator) -> torch.Tensor:
+        return poisson_batch(self.ctx.clients[i].n_train, self.sample_rates[i], gen)
+
+    def privatize(self, i: int, summed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Noise + scaling of a clipped gradient sum, and one accountant step for client i."""
+        expected = self.sample_rates[i] * self.ctx.clients[i].n_train
+        if not self.privacy.enabled:
+            return {n: g / expected for n, g in summed.items()}
+        self.accountants[i].step(self.noise_multipliers[i], self.sample_rates[i])
+        return add_noise(summed, noise_multiplier=self.noise_multipliers[i],
+                         max_grad_norm=self.privacy.max_grad_norm, expected_batch_size=expected,
+                         generator=self.noise_gens[i])
+
+    @property
+    def clip_norm(self) -> float:
+        return self.privacy.max_grad_norm if self.privacy.enabled else float("inf")
+
+    # --- hooks -------------------------------------------------------------------------------
+    def local_train(self, i: int, rnd: int) -> tuple[dict[str, torch.Tensor], float]:
+        """One round on client i: returns (the payload it sends, its mean local loss)."""
+        raise NotImplementedError
+
+    def aggregate(self, payloads: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return weighted_average(payloads, self.agg_weights)
+
+    def receive(self, shared: dict[str, torch.Tensor]) -> None:
+        """The server's broadcast of the aggregated shared model."""
+        raise NotImplementedError
+
+    def sample(self, i: int, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- round and downstream ----------------------------------------------------------------
+    def run_round(self, rnd: int) -> dict:
+        payloads, losses = [], []
+        for i, c in enumerate(self.ctx.clients):
+            payload, loss = self.local_train(i, rnd)
+            payloads.append(self.ctx.uplink.send(c.id, payload))
+            losses.append(loss)
+        self.receive(self.aggregate(payloads))
+        metrics = {"train_loss": sum(losses) / len(losses)}
+        every = max(1, self.ctx.rounds // 10)
+        if self.privacy.enabled and ((rnd + 1) % every == 0 or rnd + 1 == self.ctx.rounds):
+            # RDP: a fast upper bound of the spend so far (results.json reports the chosen accountant)
+            metrics["epsilon_rdp_max"] = max(epsilon_of(a.history, self.privacy.delta, "rdp", fast=True)
+                                             for a in self.accountants)
+        return metrics
+
+    def synthesize(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        client = self.ctx.clients[i]
+        counts = torch.bincount(client.y_train.cpu(), minlength=self.ctx.n_classes)
+        n_syn = synthetic_counts(counts, self.cfg.synthesis)
+        y = torch.repeat_interleave(torch.arange(self.ctx.n_classes), n_syn).to(self.ctx.device)
+        if len(y) == 0:
+            return client.x_train[:0], client.y_train[:0]
+        with torch.no_grad():
+            return self.sample(i, y, make_generator(self.ctx.seed, client.id, SYNTH)), y
+
+    def finish(self) -> None:
+        for i, c in enumerate(self.ctx.clients):
+            x_syn, y_syn = self.synthesize(i)
+            self.synthetic_sizes[c.id] = len(y_syn)
+            self.downstream_models[c.id] = fit_classifier(
+                torch.cat([c.x_train, x_syn]), torch.cat([c.y_train, y_syn]), self.ctx.n_classes,
+                self.cfg.downstream, make_generator(self.ctx.seed, c.id, DOWNSTREAM))
+
+    def predict(self, client: ClientData, x: torch.Tensor) -> torch.Tensor:
+        return predict_proba(self.downstream_models[client.id], x)
+
+    # --- state and report ----------------------------------------------------------------------
+    def anonymizer_state(self) -> dict:
+        return {"noise_gens": [g.get_state() for g in self.noise_gens],
+                "accountants": [a.state_dict() for a in self.accountants]}
+
+    def load_anonymizer_state(self, state: dict) -> None:
+        for g, s in zip(self.noise_gens, state["noise_gens"]):
+            g.set_state(s)
+        for a, s in zip(self.accountants, state["accountants"]):
+            a.load_state_dict(s)
+
+    def shared_parameters(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def report(self) -> dict:
+        clients = []
+        for i, c in enumerate(self.ctx.clients):
+            steps = sum(h[2] for h in self.accountants[i].history if h[1] < 1.0)
+            clients.append({"id": c.id, "epsilon_spent": self.accountants[i].epsilon() if self.privacy.enabled else None,
+                            "noise_multiplier": self.noise_multipliers[i], "sample_rate": self.sample_rates[i],
+                            "steps": steps, "history": self.accountants[i].history,
+                            "releases": self.accountants[i].releases,
+                            "n_synthetic": self.synthetic_sizes.get(c.id, 0)})
+        spent = [c["epsilon_spent"] for c in clients if c["epsilon_spent"] is not None]
+        return {
+            "privacy": {"enabled": self.privacy.enabled, "target_epsilon": self.privacy.target_epsilon if self.privacy.enabled else None,
+                        "delta": self.privacy.delta, "accountant": self.privacy.accountant,
+                        "max_grad_norm": self.privacy.max_grad_norm, "clients": clients,
+                        "epsilon_spent_max": max(spent) if spent else None},
+            "n_params": self.shared_parameters(),
+            "synthesis": {"policy": self.cfg.synthesis.policy, "factor": self.cfg.synthesis.factor,
+                          "per_class": self.cfg.synthesis.per_class},
+        }

@@ -1,0 +1,121 @@
+"""DP-CGAN: the conditional GAN comparison of the DP-CVAE paper. The discriminator (the part that sees
+real data) is trained with DP-SGD and stays on the client; the generator is averaged and broadcast.
+
+Per step: the discriminator's gradient on the Poisson-sampled real batch is clipped per sample and
+noised; its gradient on generated samples is exact (it depends on no real record). The generator
+learns from the discriminator only, with labels drawn uniformly (the reference used real labels
+without privacy). Unlike the reference, G and D persist across rounds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+from federated.clients import make_generator
+from federated.methods.anonymizer import Anonymizer, AnonymizerConfig, GenTrainConfig
+from federated.methods.base import BATCHES, INIT, LATENT, SERVER, RunContext
+from federated.privacy import clipped_grad_sum
+from models.cgan import Discriminator, Generator
+from models.init import init_linear_layers_
+
+
+@dataclass(frozen=True)
+class DPCGANConfig(AnonymizerConfig):
+    gen: GenTrainConfig = field(default_factory=lambda: GenTrainConfig(lr=2e-4))
+    latent: int = 100
+
+
+class DPCGAN(Anonymizer):
+    name = "dpcgan"
+    Config = DPCGANConfig
+    betas = (0.5, 0.999)
+
+    def __init__(self, ctx: RunContext, cfg: DPCGANConfig) -> None:
+        super().__init__(ctx, cfg)
+        self.global_generator = init_linear_layers_(
+            Generator(ctx.dim, ctx.n_classes, cfg.latent), make_generator(ctx.seed, SERVER, INIT)).to(ctx.device)
+        self.generators, self.discriminators = [], []
+        for c in ctx.clients:
+            gen = make_generator(ctx.seed, c.id, INIT)
+            self.generators.append(init_linear_layers_(Generator(ctx.dim, ctx.n_classes, cfg.latent), gen).to(ctx.device))
+            self.discriminators.append(init_linear_layers_(Discriminator(ctx.dim, ctx.n_classes), gen).to(ctx.device))
+        self.receive(self.global_generator.state_dict())
+        self.g_opts = [torch.optim.Adam(g.parameters(), lr=cfg.gen.lr, betas=self.betas) for g in self.generators]
+        self.d_opts = [torch.optim.Adam(d.parameters(), lr=cfg.gen.lr, betas=self.betas) for d in self.discriminators]
+        self.batch_gens = [make_generator(ctx.seed, c.id, BATCHES) for c in ctx.clients]
+        self.latent_gens = [make_generator(ctx.seed, c.id, LATENT) for c in ctx.clients]
+
+    def fake(self, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.randn(n, self.cfg.latent, generator=self.latent_gens[i]).to(self.ctx.device)
+        y = torch.randint(self.ctx.n_classes, (n,), generator=self.latent_gens[i]).to(self.ctx.device)
+        return self.generators[i](z, y), y
+
+    def local_train(self, i: int, rnd: int) -> tuple[dict[str, torch.Tensor], float]:
+        client, G, D = self.ctx.clients[i], self.generators[i], self.discriminators[i]
+        n_fake = max(1, round(self.sample_rates[i] * client.n_train))
+        total, steps = 0.0, 0
+        for _ in range(self.cfg.gen.local_epochs * self.steps_per_epoch[i]):
+            # discriminator: private gradient on real records + exact gradient on generated ones
+            idx = self.poisson_indices(i, self.batch_gens[i]).to(self.ctx.device)
+            x, y = client.x_train[idx], client.y_train[idx]
+            real_losses = []
+
+            def real_loss():
+                logits = D(x, y)
+                real_losses.append(F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none"))
+                return real_losses[-1]
+            summed, _ = clipped_grad_sum(D, real_loss, self.clip_norm)
+            private = self.privatize(i, summed)
+            with torch.no_grad():
+                x_fake, y_fake = self.fake(i, n_fake)
+            logits = D(x_fake, y_fake)
+            fake_loss = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
+            fake_grads = torch.autograd.grad(fake_loss, list(D.parameters()))
+            for (name, p), g in zip(D.named_parameters(), fake_grads):
+                p.grad = private[name] + g
+            self.d_opts[i].step()
+            # generator: fool the (already private) discriminator
+            x_fake, y_fake = self.fake(i, n_fake)
+            logits = D(x_fake, y_fake)
+            g_loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+            self.g_opts[i].zero_grad(set_to_none=True)
+            g_loss.backward()
+            D.zero_grad(set_to_none=True)
+            self.g_opts[i].step()
+            total, steps = total + float(g_loss.detach()), steps + 1
+        return {k: v.detach().clone() for k, v in G.state_dict().items()}, total / max(steps, 1)
+
+    def receive(self, shared: dict[str, torch.Tensor]) -> None:
+        self.global_generator.load_state_dict(shared)
+        for g in self.generators:
+            g.load_state_dict(shared)
+
+    def sample(self, i: int, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        z = torch.randn(len(y), self.cfg.latent, generator=gen).to(self.ctx.device) * self.cfg.synthesis.z_var ** 0.5
+        self.global_generator.eval()
+        return self.global_generator(z, y)
+
+    def state_dict(self) -> dict:
+        return {"G": [g.state_dict() for g in self.generators], "D": [d.state_dict() for d in self.discriminators],
+                "global": self.global_generator.state_dict(),
+                "g_opts": [o.state_dict() for o in self.g_opts], "d_opts": [o.state_dict() for o in self.d_opts],
+                "batch_gens": [g.get_state() for g in self.batch_gens],
+                "latent_gens": [g.get_state() for g in self.latent_gens], **self.anonymizer_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for mods, key in ((self.generators, "G"), (self.discriminators, "D"), (self.g_opts, "g_opts"),
+                          (self.d_opts, "d_opts")):
+            for m, s in zip(mods, state[key]):
+                m.load_state_dict(s)
+        self.global_generator.load_state_dict(state["global"])
+        for gens, key in ((self.batch_gens, "batch_gens"), (self.latent_gens, "latent_gens")):
+            for g, s in zip(gens, state[key]):
+                g.set_state(s)
+        self.load_anonymizer_state(state)
+
+    def shared_parameters(self) -> dict[str, int]:
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {"shared": count(self.global_generator),
+                "total": count(self.global_generator) + count(self.discriminators[0]), "shared_model": "generator"}

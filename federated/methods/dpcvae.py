@@ -1,0 +1,94 @@
+"""DP-CVAE (Di Salvo et al., MICCAI 2025): each client trains a conditional VAE with DP-SGD; only the
+decoders are averaged and broadcast; encoders and optimiser state stay on the client."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from federated.clients import make_generator
+from federated.methods.anonymizer import Anonymizer, AnonymizerConfig
+from federated.methods.base import BATCHES, INIT, LATENT, SERVER, RunContext
+from federated.privacy import clipped_grad_sum
+from models.cvae import CVAE
+from models.init import init_linear_layers_
+
+
+@dataclass(frozen=True)
+class DPCVAEConfig(AnonymizerConfig):
+    hidden: int = 256
+    latent: int = 100
+    beta: float = 0.1
+
+
+class DPCVAE(Anonymizer):
+    name = "dpcvae"
+    Config = DPCVAEConfig
+
+    def __init__(self, ctx: RunContext, cfg: DPCVAEConfig) -> None:
+        super().__init__(ctx, cfg)
+        self.models = []
+        for c in ctx.clients:
+            m = CVAE(ctx.dim, ctx.n_classes, cfg.hidden, cfg.latent)
+            self.models.append(init_linear_layers_(m, make_generator(ctx.seed, c.id, INIT)).to(ctx.device))
+        self.global_decoder = init_linear_layers_(
+            CVAE(ctx.dim, ctx.n_classes, cfg.hidden, cfg.latent), make_generator(ctx.seed, SERVER, INIT)).decoder.to(ctx.device)
+        self.receive(self.global_decoder.state_dict())
+        self.optimizers = [torch.optim.Adam(m.parameters(), lr=cfg.gen.lr) for m in self.models]
+        self.batch_gens = [make_generator(ctx.seed, c.id, BATCHES) for c in ctx.clients]
+        self.latent_gens = [make_generator(ctx.seed, c.id, LATENT) for c in ctx.clients]
+
+    def local_train(self, i: int, rnd: int) -> tuple[dict[str, torch.Tensor], float]:
+        client, model, opt = self.ctx.clients[i], self.models[i], self.optimizers[i]
+        model.train()
+        total, steps = 0.0, 0
+        for _ in range(self.cfg.gen.local_epochs * self.steps_per_epoch[i]):
+            idx = self.poisson_indices(i, self.batch_gens[i]).to(self.ctx.device)
+            x, y = client.x_train[idx], client.y_train[idx]
+            eps = torch.randn(len(idx), self.cfg.latent, generator=self.latent_gens[i]).to(x)
+            losses = []
+
+            def loss_fn():
+                losses.append(model.per_sample_loss(x, y, eps, self.cfg.beta))
+                return losses[-1]
+            summed, _ = clipped_grad_sum(model, loss_fn, self.clip_norm)
+            grads = self.privatize(i, summed)
+            for name, p in model.named_parameters():
+                p.grad = grads[name]
+            opt.step()
+            if len(idx):
+                total, steps = total + float(losses[-1].detach().mean()), steps + 1
+        return {k: v.detach().clone() for k, v in model.decoder.state_dict().items()}, total / max(steps, 1)
+
+    def receive(self, shared: dict[str, torch.Tensor]) -> None:
+        self.global_decoder.load_state_dict(shared)
+        for m in self.models:
+            m.decoder.load_state_dict(shared)
+
+    def sample(self, i: int, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        z = torch.randn(len(y), self.cfg.latent, generator=gen).to(self.ctx.device) * self.cfg.synthesis.z_var ** 0.5
+        cvae = self.models[i]  # its decoder is the global one
+        cvae.eval()
+        return cvae.decode(z, y)
+
+    def state_dict(self) -> dict:
+        return {"models": [m.state_dict() for m in self.models], "decoder": self.global_decoder.state_dict(),
+                "optimizers": [o.state_dict() for o in self.optimizers],
+                "batch_gens": [g.get_state() for g in self.batch_gens],
+                "latent_gens": [g.get_state() for g in self.latent_gens], **self.anonymizer_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for m, s in zip(self.models, state["models"]):
+            m.load_state_dict(s)
+        self.global_decoder.load_state_dict(state["decoder"])
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+        for gens, key in ((self.batch_gens, "batch_gens"), (self.latent_gens, "latent_gens")):
+            for g, s in zip(gens, state[key]):
+                g.set_state(s)
+        self.load_anonymizer_state(state)
+
+    def shared_parameters(self) -> dict[str, int]:
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {"shared": count(self.global_decoder), "total": count(self.models[0]),
+                "shared_model": "decoder"}

@@ -1,0 +1,208 @@
+"""Differential privacy: noise calibration over the whole run, per-client accountants, and the DP-SGD
+step (Poisson sampling, per-sample clipping, Gaussian noise) with Opacus's semantics.
+
+Per-sample clipping is computed exactly without materialising per-sample gradients for models whose
+trainable parameters all sit in nn.Linear layers applied once to (B, features) inputs: for such a
+layer the per-sample gradient is the outer product g_i a_i^T, whose norm is |g_i| |a_i|, and the
+clipped sum is one matmul (G * f)^T A ("ghost clipping"). `per_sample_grads_vmap` is the
+straightforward torch.func reference it is tested against (and against Opacus's GradSampleModule).
+
+Accounting: one Opacus accountant per client, kept across rounds, stepped once per noisy step
+actually taken, plus one entry per other release (e.g. a noisy sample count). The noise multiplier
+is calibrated so that the *planned* history of the whole run (every step of every local epoch of
+every round, and every release) meets the target; the report is the epsilon actually spent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import warnings
+from typing import Callable
+
+import torch
+from opacus.accountants import create_accountant
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from data.io import UserError
+
+ACCOUNTANTS = ("prv", "rdp")
+MAX_SIGMA = 1e4
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = True
+    target_epsilon: float = 1.0
+    delta: float = 1e-4
+    max_grad_norm: float = 1.5
+    accountant: str = "prv"
+    count_noise: float = 100.0  # std (in samples) of the noisy client size released for aggregation weights
+
+
+History = list[tuple[float, float, int]]  # (noise_multiplier, sample_rate, steps), Opacus's format
+
+
+INTEGER_ORDERS = list(range(2, 64))  # RDP at integer orders only: fast, a (slightly looser) upper bound
+
+
+def epsilon_of(history: History, delta: float, accountant: str, *, fast: bool = False) -> float:
+    """Epsilon of a history, from a fresh Opacus accountant (fast: RDP at integer orders)."""
+    acc = create_accountant(mechanism="rdp" if fast else accountant)
+    acc.history = [h for h in history if h[2] > 0]
+    if not acc.history:
+        return 0.0
+    with warnings.catch_warnings():  # numerical notes of the PRV/RDP internals, not user-facing
+        warnings.simplefilter("ignore")
+        if fast:
+            return float(acc.get_epsilon(delta=delta, alphas=INTEGER_ORDERS))
+        return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate_noise(plan: Callable[[float], History], cfg: PrivacyConfig, tolerance: float = 0.01) -> float:
+    """A noise multiplier sigma with target - tolerance < epsilon(plan(sigma)) <= target.
+
+    epsilon is close to proportional to 1/sigma, so after bracketing with the fast RDP accountant
+    (a bisection, as opacus.accountants.utils.get_noise_multiplier) the chosen accountant is
+    refined by proportional steps kept inside the bracket; only a feasible sigma is ever returned."""
+    if cfg.accountant not in ACCOUNTANTS:
+        raise UserError(f"--accountant {cfg.accountant!r} is unknown; valid: {', '.join(ACCOUNTANTS)}")
+    if cfg.target_epsilon <= 0 or not 0 < cfg.delta < 1:
+        raise UserError(f"--epsilon must be > 0 and --delta in (0, 1), got {cfg.target_epsilon}, {cfg.delta}")
+    target = cfg.target_epsilon
+
+    def eps(sigma: float, fast: bool = False) -> float:
+        return epsilon_of(plan(sigma), cfg.delta, cfg.accountant, fast=fast)
+    low, high = 0.0, 1.0
+    while eps(high, fast=True) > target:
+        low, high = high, 2 * high
+        if high > MAX_SIGMA:
+            raise UserError(f"--epsilon {target}: unreachable even with noise multiplier {MAX_SIGMA} "
+                            "(the fixed releases alone may exceed it); raise --epsilon")
+    while high - low > 0.05 * high:
+        mid = (low + high) / 2
+        low, high = (low, mid) if eps(mid, fast=True) <= target else (mid, high)
+    # refine with the chosen accountant; integer-order RDP bounds both, so `high` is feasible
+    feasible, eps_feasible, infeasible = high, eps(high), 0.0
+    while eps_feasible > target:  # never expected, but only a feasible sigma may leave here
+        infeasible, feasible = feasible, 2 * feasible
+        eps_feasible = eps(feasible)
+    for _ in range(20):
+        if target - eps_feasible <= tolerance:
+            break
+        guess = feasible * eps_feasible / (target - tolerance / 2)
+        if not infeasible < guess < feasible:
+            guess = (infeasible + feasible) / 2
+        e = eps(guess)
+        if e <= target:
+            feasible, eps_feasible = guess, e
+        else:
+            infeasible = guess
+    return feasible
+
+
+class ClientAccountant:
+    """One client's privacy ledger across the whole run (saved in checkpoints)."""
+
+    def __init__(self, cfg: PrivacyConfig) -> None:
+        self.cfg = cfg
+        self.accountant = create_accountant(mechanism=cfg.accountant)
+        self.releases: list[dict] = []
+
+    def step(self, noise_multiplier: float, sample_rate: float) -> None:
+        self.accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+
+    def release(self, what: str, noise_multiplier: float) -> None:
+        """A Gaussian-mechanism release of a sensitivity-bounded statistic: one step with q = 1."""
+        self.releases.append({"what": what, "noise_multiplier": noise_multiplier})
+        self.step(noise_multiplier, 1.0)
+
+    @property
+    def history(self) -> History:
+        return [tuple(h) for h in self.accountant.history]
+
+    def epsilon(self) -> float:
+        return epsilon_of(self.history, self.cfg.delta, self.cfg.accountant)
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "releases": self.releases}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accountant.history = [tuple(h) for h in state["history"]]
+        self.releases = list(state["releases"])
+
+
+# ----------------------------------------------------------------------------- per-sample clipping
+
+def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus's flat clipping
+
+
+def clipped_grad_sum(model: nn.Module, per_sample_loss: Callable[[], torch.Tensor],
+                     max_grad_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """sum_i clip(grad_i, C) over the batch for every trainable parameter of `model` (which must be
+    nn.Linear layers, each applied once to a (B, in) input), and the per-sample norms."""
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    covered = {f"{n}.{p}" for n, m in linears.items() for p, q in m.named_parameters() if q.requires_grad}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if trainable - covered:
+        raise TypeError(f"clipped_grad_sum handles nn.Linear parameters only, not {sorted(trainable - covered)}")
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, args, out):
+            if name in outputs or args[0].dim() != 2:
+                raise TypeError(f"{name}: each Linear must be applied once to a (B, in) input")
+            inputs[name], outputs[name] = args[0].detach(), out
+        return record
+    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    try:
+        losses = per_sample_loss()
+    finally:
+        for h in handles:
+            h.remove()
+    names = [n for n in linears if n in outputs and linears[n].weight.requires_grad]
+    out_grads = torch.autograd.grad(losses.sum(), [outputs[n] for n in names])
+    sq_norms = torch.zeros(len(losses), device=losses.device)
+    for n, g in zip(names, out_grads):
+        sq_norms += inputs[n].pow(2).sum(1) * g.pow(2).sum(1)
+        if linears[n].bias is not None:
+            sq_norms += g.pow(2).sum(1)
+    norms = sq_norms.sqrt()
+    factors = clip_factors(norms, max_grad_norm)
+    grads = {}
+    for n, g in zip(names, out_grads):
+        scaled = g * factors[:, None]
+        grads[f"{n}.weight"] = scaled.T @ inputs[n]
+        if linears[n].bias is not None:
+            grads[f"{n}.bias"] = scaled.sum(0)
+    for n, p in model.named_parameters():  # layers the loss never used get zero gradient
+        if p.requires_grad and n not in grads:
+            grads[n] = torch.zeros_like(p)
+    return grads, norms
+
+
+def per_sample_grads_vmap(model: nn.Module, loss_one: Callable, *batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sample gradients {name: (B, *shape)} by torch.func: vmap over grad of the loss of one
+    sample, loss_one(outputs_fn, *sample) where outputs_fn = lambda *inputs: model(*inputs)."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    buffers = dict(model.named_buffers())
+
+    def loss_of(p, *sample):
+        one = [s.unsqueeze(0) for s in sample]
+        return loss_one(lambda *inputs: functional_call(model, (p, buffers), inputs), *one)
+    return vmap(grad(loss_of), in_dims=(None, *[0] * len(batch)))(params, *batch)
+
+
+def clip_and_sum(per_sample: dict[str, torch.Tensor], max_grad_norm: float) -> tuple[dict, torch.Tensor]:
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in per_sample.values()]).sum(0).sqrt()
+    factors = clip_factors(norms, max_grad_norm)
+    return {n: torch.einsum("b,b...->...", factors, g) for n, g in per_sample.items()}, norms
+
+
+def add_noise(summed: dict[str, torch.Tensor], *, noise_multiplier: float, max_grad_norm: float,
+              expected_batch_size: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """(sum of clipped grads + N(0, sigma^2 C^2)) / expected batch size, as Opacus's DPOptimizer."""
+    std = noise_multiplier * max_grad_norm
+    return {n: (g + std * torch.randn(g.shape, generator=generator).to(g)) / expected_batch_size
+            for n, g in summed.items()}

@@ -1,0 +1,203 @@
+"""DP-SGD and accounting: clipping is per sample, noise is calibrated for the whole run, the spent
+epsilon is re-computed independently, and only weights cross the client->server channel."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.optimizers import DPOptimizer
+
+from conftest import write_db
+from federated.privacy import (PrivacyConfig, add_noise, calibrate_noise, clip_and_sum, clipped_grad_sum,
+                               epsilon_of, per_sample_grads_vmap)
+from models.cvae import CVAE
+from models.cgan import Discriminator
+from tests.test_federated import FAST, results_of, strip_timing
+import train
+
+DP_FAST = [*FAST, "--accountant", "rdp", "--gen-batch-size", "64", "--gen-local-epochs", "1", "--latent", "8", "--cvae-hidden", "32"]
+
+
+def cvae_batch(n=12, dim=10, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model = CVAE(dim, classes, hidden=16, latent=4)
+    x, y, eps = torch.randn(n, dim, generator=g) * 3, torch.randint(classes, (n,), generator=g), torch.randn(n, 4, generator=g)
+    return model, x, y, eps
+
+
+def cvae_loss_one(f, x, y, eps):
+    recon, mu, logvar = f(x, y, eps)
+    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)
+    return ((recon - x).pow(2).mean(-1) + 0.1 * kl).sum()
+
+
+def test_ghost_clipping_equals_vmap_per_sample_gradients():
+    model, x, y, eps = cvae_batch()
+    fast, norms = clipped_grad_sum(model, lambda: model.per_sample_loss(x, y, eps, 0.1), max_grad_norm=2.3)
+    reference, ref_norms = clip_and_sum(per_sample_grads_vmap(model, cvae_loss_one, x, y, eps), 2.3)
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-4, atol=1e-6)
+    for name in reference:
+        torch.testing.assert_close(fast[name], reference[name], rtol=1e-4, atol=1e-6)
+    assert (norms > 2.3).any() and (norms < 2.3).any()  # clipping was active for some samples only
+
+
+def test_equals_opacus_dpoptimizer_without_noise():
+    torch.manual_seed(0)
+    model, x, y, eps = cvae_batch(n=16)
+    ours, _ = clipped_grad_sum(model, lambda: model.per_sample_loss(x, y, eps, 0.1), max_grad_norm=1.0)
+    ours = add_noise(ours, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=16.0,
+                     generator=torch.Generator())
+    gsm = GradSampleModule(model)
+    opt = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=1.0,
+                      expected_batch_size=16)
+    loss = model.per_sample_loss(x, y, eps, 0.1).mean()  # Opacus scales by 1/B through loss_reduction=mean
+    loss.backward()
+    opt.pre_step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_one_extreme_sample_moves_the_update_by_at_most_C():
+    disc = Discriminator(8, 2, hidden=(16, 8))
+    x, y = torch.randn(10, 8), torch.randint(2, (10,))
+    loss = lambda xx, yy: disc(xx, yy)  # noqa: E731  (linear in the logit: no saturation)
+    base, _ = clipped_grad_sum(disc, lambda: loss(x, y), max_grad_norm=1.5)
+    x_out = x.clone()
+    x_out[3] = 1e4  # an outlier record
+    moved, norms = clipped_grad_sum(disc, lambda: loss(x_out, y), max_grad_norm=1.5)
+    assert norms[3] > 100  # its raw gradient is huge
+    diff = torch.sqrt(sum((moved[k] - base[k]).pow(2).sum() for k in base))
+    assert diff <= 2 * 1.5 + 1e-4  # old and new contribution, each at most C
+
+
+def test_noise_has_the_calibrated_scale():
+    summed = {"w": torch.zeros(200_000)}
+    g = add_noise(summed, noise_multiplier=2.0, max_grad_norm=1.5, expected_batch_size=10.0,
+                  generator=torch.Generator().manual_seed(0))["w"]
+    assert g.std().item() == pytest.approx(2.0 * 1.5 / 10.0, rel=0.01)
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_calibration_meets_target_and_more_steps_need_more_noise(accountant):
+    cfg = PrivacyConfig(target_epsilon=1.0, delta=1e-4, accountant=accountant)
+    s1 = calibrate_noise(lambda s: [(100.0, 1.0, 1), (s, 0.1, 500)], cfg)
+    s2 = calibrate_noise(lambda s: [(100.0, 1.0, 1), (s, 0.1, 1000)], cfg)
+    e1 = epsilon_of([(100.0, 1.0, 1), (s1, 0.1, 500)], 1e-4, accountant)
+    assert 0.99 - 0.01 <= e1 <= 1.0 and s2 > s1
+
+
+def run_dp(db, out, *extra, seeds=("1",)):
+    args = train.get_args_parser().parse_args(["--db", str(db), "--out", str(out), *DP_FAST, "--seeds", *seeds, *extra])
+    assert train.main(args) == 0
+
+
+@pytest.mark.parametrize("method", ["dpcvae", "dpcgan"])
+def test_spent_epsilon_is_within_target_recomputed_independently(tiny_db, tmp_path, method):
+    run_dp(tiny_db, tmp_path / "r", "--method", method, "--epsilon", "2.0", "--accountant", "rdp")
+    privacy = results_of(tmp_path / "r", method)["privacy"]
+    assert privacy["target_epsilon"] == 2.0 and privacy["epsilon_spent_max"] <= 2.0
+    for c in privacy["clients"]:
+        # an independent re-computation from what was recorded: fresh Opacus accountants, step by step
+        acc = RDPAccountant()
+        for sigma, q, steps in c["history"]:
+            for _ in range(steps):
+                acc.step(noise_multiplier=sigma, sample_rate=q)
+        assert acc.get_epsilon(delta=1e-4) <= 2.0
+        assert c["epsilon_spent"] == pytest.approx(acc.get_epsilon(delta=1e-4), rel=1e-6)
+        assert c["steps"] == 2 * 1 * round(1 / c["sample_rate"])  # rounds x local epochs x steps/epoch
+        train_entries = [h for h in c["history"] if h[1] < 1]
+        assert train_entries == [[c["noise_multiplier"], c["sample_rate"], c["steps"]]]
+        assert [r["what"] for r in c["releases"]] == ["n_train"]
+
+
+def test_doubling_rounds_raises_the_noise_multiplier(tiny_db, tmp_path):
+    run_dp(tiny_db, tmp_path / "a", "--method", "dpcvae", "--rounds", "2", "--tag", "r2")
+    run_dp(tiny_db, tmp_path / "b", "--method", "dpcvae", "--rounds", "4", "--tag", "r4")
+    a = results_of(tmp_path / "a", "dpcvae")["privacy"]["clients"]
+    b = results_of(tmp_path / "b", "dpcvae")["privacy"]["clients"]
+    assert all(y["noise_multiplier"] > x["noise_multiplier"] for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("method", ["dpcvae", "dpcgan"])
+def test_server_receives_only_model_weights(tiny_db, tmp_path, monkeypatch, method):
+    from data.database import load_database
+    from federated.methods.base import Channel
+    seen = []
+    original = Channel.send
+
+    def spy(self, client_id, payload):
+        seen.append({k: v.detach().clone() for k, v in payload.items()})
+        return original(self, client_id, payload)
+    monkeypatch.setattr(Channel, "send", spy)
+    run_dp(tiny_db, tmp_path / "r", "--method", method)
+    db = load_database(tiny_db)
+    expected = ({f"net.{k}" for k in ("0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias")}
+                if method == "dpcgan" else
+                {f"{i}.{p}" for i in (0, 2, 4, 6) for p in ("weight", "bias")})
+    records = torch.from_numpy(db.embeddings)
+    for payload in seen:
+        assert set(payload) == {"n_train"} or set(payload) == expected, set(payload)
+        for tensor in payload.values():
+            flat = tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() > 1 else tensor.reshape(1, -1)
+            if flat.shape[-1] == records.shape[1]:  # a row the size of an embedding: is it one?
+                assert torch.cdist(flat.float(), records).min() > 1e-3
+    assert sum(set(p) == expected for p in seen) == 2 * 3  # rounds x clients
+
+
+def test_no_dp_runs_and_reports_no_epsilon(tiny_db, tmp_path):
+    run_dp(tiny_db, tmp_path / "r", "--method", "dpcvae", "--no-dp")
+    privacy = results_of(tmp_path / "r", "dpcvae")["privacy"]
+    assert privacy["enabled"] is False and privacy["epsilon_spent_max"] is None
+
+
+def test_same_seed_identical_and_resume(tiny_db, tmp_path):
+    from federated import loop
+    run_dp(tiny_db, tmp_path / "a", "--method", "dpcvae", "--rounds", "3")
+    original = loop.run
+    train.run = lambda *a, **k: original(*a, **k, stop_after=1)
+    try:
+        with pytest.raises(InterruptedError):
+            run_dp(tiny_db, tmp_path / "b", "--method", "dpcvae", "--rounds", "3")
+    finally:
+        train.run = original
+    run_dp(tiny_db, tmp_path / "b", "--method", "dpcvae", "--rounds", "3")
+    a, b = results_of(tmp_path / "a", "dpcvae"), results_of(tmp_path / "b", "dpcvae")
+    assert json.dumps(strip_timing(a)) == json.dumps(strip_timing(b))
+
+
+def test_a_client_missing_a_class_gains_from_synthetic_data(tmp_path):
+    """Client 0 has no training sample of class 3 but meets it at test time: the local classifier
+    cannot predict it, the one trained on real + synthetic data (no DP, to isolate the mechanism) can."""
+    from federated.clients import ClientData
+    from federated.loop import RunInfo, run
+    from federated.methods.base import RunContext
+    from federated.methods.dpcvae import DPCVAE, DPCVAEConfig
+    from federated.methods.local import DownstreamConfig, Local
+    from federated.methods.anonymizer import GenTrainConfig
+    from federated.privacy import PrivacyConfig
+    from federated.training import OptimConfig
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 8, generator=g) * 3
+
+    def draw(classes, n):
+        y = torch.tensor(classes).repeat_interleave(n)
+        return centers[y] + 0.5 * torch.randn(len(y), 8, generator=g), y
+    clients = []
+    for i in range(3):
+        train_classes = [0, 1, 2] if i == 0 else [0, 1, 2, 3]
+        clients.append(ClientData(i, *draw(train_classes, 60), *draw(train_classes, 10), *draw([0, 1, 2, 3], 20)))
+    downstream = OptimConfig(optimizer="adam", lr=1e-2, momentum=0.0, weight_decay=0.0, batch_size=32, epochs=30)
+    results = {}
+    for name, method in (("local", lambda ctx: Local(ctx, DownstreamConfig(downstream))),
+                         ("dpcvae", lambda ctx: DPCVAE(ctx, DPCVAEConfig(
+                             gen=GenTrainConfig(lr=3e-3, batch_size=32, local_epochs=5), privacy=PrivacyConfig(enabled=False),
+                             downstream=downstream, hidden=64, latent=4)))):
+        ctx = RunContext(clients, 4, 8, seed=0, rounds=10, device=torch.device("cpu"))
+        info = RunInfo(method=name, dataset="toy", seed=0, split={})
+        results[name] = run(method(ctx), info, tmp_path / name, progress=False)["clients"][0]
+    assert results["local"]["bacc"] <= 0.76  # class 3 is never predicted
+    assert results["dpcvae"]["bacc"] > results["local"]["bacc"] + 0.15, results
