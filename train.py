@@ -87,7 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--downstream-lr", type=float, default=1e-3, help="learning rate")
     g.add_argument("--downstream-momentum", type=float, default=0.0, help="SGD momentum")
     g.add_argument("--downstream-weight-decay", type=float, default=0.0, help="weight decay")
-    g.add_argument("--downstream-batch-size", type=int, default=0, help="batch size (0 = full batch)")
+    g.add_argument("--downstream-batch-size", type=int, default=128, help="batch size (0 = full batch)")
     g.add_argument("--downstream-epochs", type=int, default=100, help="epochs")
 
     g = p.add_argument_group("Anonymizers: generative model (DP-CVAE, DP-CGAN)")

@@ -17,7 +17,7 @@ from federated.clients import ClientData, make_generator, poisson_batch
 from federated.methods.base import DOWNSTREAM, NOISE, SYNTH, Method, RunContext
 from federated.methods.fedavg import weighted_average
 from federated.privacy import ClientAccountant, PrivacyConfig, add_noise, calibrate_noise, epsilon_of
-from federated.training import OptimConfig, fit_classifier, predict_proba
+from federated.training import OptimConfig, downstream_default, fit_classifier, predict_proba
 
 POLICIES = ("fill", "reference", "uniform")
 
@@ -54,8 +54,7 @@ class AnonymizerConfig:
     gen: GenTrainConfig = field(default_factory=GenTrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
-    downstream: OptimConfig = field(default_factory=lambda: OptimConfig(
-        optimizer="adam", lr=1e-3, momentum=0.0, weight_decay=0.0, batch_size=0, epochs=100))
+    downstream: OptimConfig = field(default_factory=downstream_default)
 
 
 class Anonymizer(Method):

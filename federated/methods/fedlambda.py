@@ -17,7 +17,7 @@ from data.io import UserError
 from federated.clients import ClientData, make_generator
 from federated.methods.base import DOWNSTREAM, RunContext
 from federated.methods.fedavg import FedAvg, FedAvgConfig
-from federated.training import OptimConfig, fit_classifier, predict_proba
+from federated.training import OptimConfig, downstream_default, fit_classifier, predict_proba
 
 LOCAL_MODELS = ("knn", "linear")
 
@@ -29,8 +29,7 @@ class FedLambdaConfig(FedAvgConfig):
     k_grid: tuple[int, ...] = (5, 10, 20, 50)
     knn_temperature: float = 0.1    # weights exp(-d / T), d the distance of L2-normalised embeddings
     lambda_selection: str = "client"  # client | global
-    downstream: OptimConfig = field(default_factory=lambda: OptimConfig(
-        optimizer="adam", lr=1e-3, momentum=0.0, weight_decay=0.0, batch_size=0, epochs=100))
+    downstream: OptimConfig = field(default_factory=downstream_default)
 
 
 def knn_proba(train_x: torch.Tensor, train_y: torch.Tensor, x: torch.Tensor, k: int,

@@ -11,13 +11,12 @@ import torch
 
 from federated.clients import ClientData, make_generator
 from federated.methods.base import DOWNSTREAM, SERVER, Method, RunContext
-from federated.training import OptimConfig, fit_classifier, predict_proba
+from federated.training import OptimConfig, downstream_default, fit_classifier, predict_proba
 
 
 @dataclass(frozen=True)
 class DownstreamConfig:
-    downstream: OptimConfig = field(default_factory=lambda: OptimConfig(
-        optimizer="adam", lr=1e-3, momentum=0.0, weight_decay=0.0, batch_size=0, epochs=100))
+    downstream: OptimConfig = field(default_factory=downstream_default)
 
 
 class Local(Method):
