@@ -14,7 +14,7 @@ import torch
 
 from data.io import UserError
 from federated.clients import ClientData, make_generator, poisson_batch
-from federated.methods.base import DOWNSTREAM, NOISE, SYNTH, Method, RunContext
+from federated.methods.base import BATCHES, DOWNSTREAM, LATENT, NOISE, SYNTH, Method, RunContext
 from federated.methods.fedavg import weighted_average
 from federated.privacy import ClientAccountant, PrivacyConfig, add_noise, calibrate_noise, epsilon_of
 from federated.training import OptimConfig, downstream_default, fit_classifier, predict_proba
@@ -71,6 +71,8 @@ class Anonymizer(Method):
         self.steps_per_epoch = [math.ceil(c.n_train / cfg.gen.batch_size) for c in ctx.clients]
         self.sample_rates = [1 / s for s in self.steps_per_epoch]
         self.noise_gens = [make_generator(ctx.seed, c.id, NOISE) for c in ctx.clients]
+        self.batch_gens = [make_generator(ctx.seed, c.id, BATCHES) for c in ctx.clients]
+        self.latent_gens = [make_generator(ctx.seed, c.id, LATENT) for c in ctx.clients]
         self.accountants = [ClientAccountant(self.privacy) for _ in ctx.clients]
         self.noise_multipliers = [0.0] * len(ctx.clients)
         released, calibrated = [], {}
@@ -171,13 +173,17 @@ class Anonymizer(Method):
         return predict_proba(self.downstream_models[client.id], x)
 
     # --- state and report ----------------------------------------------------------------------
+    GENERATORS = ("noise_gens", "batch_gens", "latent_gens")
+
     def anonymizer_state(self) -> dict:
-        return {"noise_gens": [g.get_state() for g in self.noise_gens],
+        """Random streams and privacy ledgers: the state every anonymizer checkpoints."""
+        return {**{key: [g.get_state() for g in getattr(self, key)] for key in self.GENERATORS},
                 "accountants": [a.state_dict() for a in self.accountants]}
 
     def load_anonymizer_state(self, state: dict) -> None:
-        for g, s in zip(self.noise_gens, state["noise_gens"]):
-            g.set_state(s)
+        for key in self.GENERATORS:
+            for g, s in zip(getattr(self, key), state[key]):
+                g.set_state(s)
         for a, s in zip(self.accountants, state["accountants"]):
             a.load_state_dict(s)
 

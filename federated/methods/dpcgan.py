@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from federated.clients import make_generator
 from federated.methods.anonymizer import Anonymizer, AnonymizerConfig, GenTrainConfig
-from federated.methods.base import BATCHES, INIT, LATENT, SERVER, RunContext
+from federated.methods.base import INIT, SERVER, RunContext
 from federated.privacy import clipped_grad_sum
 from models.cgan import Discriminator, Generator
 from models.init import init_linear_layers_
@@ -44,8 +44,6 @@ class DPCGAN(Anonymizer):
         self.receive(self.global_generator.state_dict())
         self.g_opts = [torch.optim.Adam(g.parameters(), lr=cfg.gen.lr, betas=self.betas) for g in self.generators]
         self.d_opts = [torch.optim.Adam(d.parameters(), lr=cfg.gen.lr, betas=self.betas) for d in self.discriminators]
-        self.batch_gens = [make_generator(ctx.seed, c.id, BATCHES) for c in ctx.clients]
-        self.latent_gens = [make_generator(ctx.seed, c.id, LATENT) for c in ctx.clients]
 
     def fake(self, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.randn(n, self.cfg.latent, generator=self.latent_gens[i]).to(self.ctx.device)
@@ -101,8 +99,7 @@ class DPCGAN(Anonymizer):
         return {"G": [g.state_dict() for g in self.generators], "D": [d.state_dict() for d in self.discriminators],
                 "global": self.global_generator.state_dict(),
                 "g_opts": [o.state_dict() for o in self.g_opts], "d_opts": [o.state_dict() for o in self.d_opts],
-                "batch_gens": [g.get_state() for g in self.batch_gens],
-                "latent_gens": [g.get_state() for g in self.latent_gens], **self.anonymizer_state()}
+                **self.anonymizer_state()}
 
     def load_state_dict(self, state: dict) -> None:
         for mods, key in ((self.generators, "G"), (self.discriminators, "D"), (self.g_opts, "g_opts"),
@@ -110,9 +107,6 @@ class DPCGAN(Anonymizer):
             for m, s in zip(mods, state[key]):
                 m.load_state_dict(s)
         self.global_generator.load_state_dict(state["global"])
-        for gens, key in ((self.batch_gens, "batch_gens"), (self.latent_gens, "latent_gens")):
-            for g, s in zip(gens, state[key]):
-                g.set_state(s)
         self.load_anonymizer_state(state)
 
     def shared_parameters(self) -> dict[str, int]:

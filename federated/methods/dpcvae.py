@@ -8,7 +8,7 @@ import torch
 
 from federated.clients import make_generator
 from federated.methods.anonymizer import Anonymizer, AnonymizerConfig
-from federated.methods.base import BATCHES, INIT, LATENT, SERVER, RunContext
+from federated.methods.base import INIT, SERVER, RunContext
 from federated.privacy import clipped_grad_sum
 from models.cvae import CVAE
 from models.init import init_linear_layers_
@@ -35,8 +35,6 @@ class DPCVAE(Anonymizer):
             CVAE(ctx.dim, ctx.n_classes, cfg.hidden, cfg.latent), make_generator(ctx.seed, SERVER, INIT)).decoder.to(ctx.device)
         self.receive(self.global_decoder.state_dict())
         self.optimizers = [torch.optim.Adam(m.parameters(), lr=cfg.gen.lr) for m in self.models]
-        self.batch_gens = [make_generator(ctx.seed, c.id, BATCHES) for c in ctx.clients]
-        self.latent_gens = [make_generator(ctx.seed, c.id, LATENT) for c in ctx.clients]
 
     def local_train(self, i: int, rnd: int) -> tuple[dict[str, torch.Tensor], float]:
         client, model, opt = self.ctx.clients[i], self.models[i], self.optimizers[i]
@@ -74,8 +72,7 @@ class DPCVAE(Anonymizer):
     def state_dict(self) -> dict:
         return {"models": [m.state_dict() for m in self.models], "decoder": self.global_decoder.state_dict(),
                 "optimizers": [o.state_dict() for o in self.optimizers],
-                "batch_gens": [g.get_state() for g in self.batch_gens],
-                "latent_gens": [g.get_state() for g in self.latent_gens], **self.anonymizer_state()}
+                **self.anonymizer_state()}
 
     def load_state_dict(self, state: dict) -> None:
         for m, s in zip(self.models, state["models"]):
@@ -83,9 +80,6 @@ class DPCVAE(Anonymizer):
         self.global_decoder.load_state_dict(state["decoder"])
         for o, s in zip(self.optimizers, state["optimizers"]):
             o.load_state_dict(s)
-        for gens, key in ((self.batch_gens, "batch_gens"), (self.latent_gens, "latent_gens")):
-            for g, s in zip(gens, state[key]):
-                g.set_state(s)
         self.load_anonymizer_state(state)
 
     def shared_parameters(self) -> dict[str, int]:
