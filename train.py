@@ -99,6 +99,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--latent", type=int, default=100, help="latent dimension")
     g.add_argument("--beta", type=float, default=0.1, help="CVAE KL weight")
 
+    g = p.add_argument_group("FedHypeVAE")
+    g.add_argument("--code-dim", type=int, default=16, help="client code dimension d_v")
+    g.add_argument("--code-radius", type=float, default=5.0, help="bound r on |v_i| (projected after each step)")
+    g.add_argument("--hyper-hidden", type=int, default=64, help="hypernetwork hidden width (h_theta, h_omega)")
+    g.add_argument("--prior-hidden", type=int, default=64, help="prior network width (h_omega output, g_omega)")
+    g.add_argument("--label-dim", type=int, default=16, help="label embedding e(y) dimension")
+    g.add_argument("--hyper-lr", type=float, default=1e-3, help="SGD learning rate of the hypernetwork (eta_Phi)")
+    g.add_argument("--lambda-mmd", type=float, default=0.1, help="weight of the MMD alignment term")
+    g.add_argument("--lambda-lip", type=float, default=1e-3, help="weight of R_Lip (squared spectral norms)")
+    g.add_argument("--lambda-v", type=float, default=1e-3, help="weight of |v_i|^2")
+    g.add_argument("--mmd-bandwidths", type=floats, default=(0.5, 1.0, 2.0, 4.0),
+                   help="Gaussian kernel bandwidths s (k = exp(-|a-b|^2 / (2 s D)), comma-separated)")
+    g.add_argument("--mmd-samples", type=int, default=4, help="decoded prior samples per record for the MMD")
+    g.add_argument("--no-spectral-norm", dest="spectral_norm", action="store_false",
+                   help="skip the server's spectral-norm projection of the hypernetwork layers")
+    g.add_argument("--meta-codes", type=int, default=1, help="K meta-codes (K > 1: the mixture of Eq. 13)")
+    g.add_argument("--meta-steps", type=int, default=300, help="Adam steps fitting the meta-code(s)")
+    g.add_argument("--meta-lr", type=float, default=1e-2, help="learning rate of the meta-code fit")
+    g.add_argument("--meta-beta", type=float, default=1.0, help="weight of the variance term of Eq. 11")
+    g.add_argument("--meta-samples", type=int, default=64, help="decoded samples per class in the meta-code fit")
+    g.add_argument("--stats-clip", type=float, default=50.0,
+                   help="L2 clip R of embeddings in the DP class statistics (ViT-S/14 norms lie in 36-48)")
+    g.add_argument("--stats-noise", type=float, default=20.0,
+                   help="noise multiplier of the DP class statistics (accounted in the same budget)")
+
     g = p.add_argument_group("Privacy")
     g.add_argument("--no-dp", dest="privacy_enabled", action="store_false",
                    help="train the anonymizers without DP (ablation)")

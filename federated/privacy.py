@@ -26,6 +26,7 @@ from torch.func import functional_call, grad, vmap
 from data.io import UserError
 
 ACCOUNTANTS = ("prv", "rdp")
+ROW_LAYERS = ("RowBias", "RowParameter")  # models.hypervae: a parameter added to / broadcast over rows
 MAX_SIGMA = 1e4
 
 
@@ -107,14 +108,17 @@ class ClientAccountant:
         self.cfg = cfg
         self.accountant = create_accountant(mechanism=cfg.accountant)
         self.releases: list[dict] = []
+        self.steps = 0  # DP-SGD steps taken (releases not included)
 
     def step(self, noise_multiplier: float, sample_rate: float) -> None:
+        """One noisy training step."""
+        self.steps += 1
         self.accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
 
     def release(self, what: str, noise_multiplier: float) -> None:
         """A Gaussian-mechanism release of a sensitivity-bounded statistic: one step with q = 1."""
         self.releases.append({"what": what, "noise_multiplier": noise_multiplier})
-        self.step(noise_multiplier, 1.0)
+        self.accountant.step(noise_multiplier=noise_multiplier, sample_rate=1.0)
 
     @property
     def history(self) -> History:
@@ -124,11 +128,12 @@ class ClientAccountant:
         return epsilon_of(self.history, self.cfg.delta, self.cfg.accountant)
 
     def state_dict(self) -> dict:
-        return {"history": self.history, "releases": self.releases}
+        return {"history": self.history, "releases": self.releases, "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.accountant.history = [tuple(h) for h in state["history"]]
         self.releases = list(state["releases"])
+        self.steps = state["steps"]
 
 
 # ----------------------------------------------------------------------------- per-sample clipping
@@ -139,43 +144,66 @@ def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
 
 def clipped_grad_sum(model: nn.Module, per_sample_loss: Callable[[], torch.Tensor],
                      max_grad_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """sum_i clip(grad_i, C) over the batch for every trainable parameter of `model` (which must be
-    nn.Linear layers, each applied once to a (B, in) input), and the per-sample norms."""
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    covered = {f"{n}.{p}" for n, m in linears.items() for p, q in m.named_parameters() if q.requires_grad}
+    """sum_i clip(grad_i, C) over the B records of a batch, for every trainable parameter of `model`,
+    and the per-record gradient norms, without materialising per-record gradients.
+
+    Each parameter must sit in a layer applied once per forward: nn.Linear on (B*T, in) rows, or a
+    module with a `bias`-like parameter added to / broadcast over rows (RowBias, RowParameter), with
+    rows grouped by record (T consecutive rows each; T may differ between layers). For a Linear the
+    record's gradient is sum_t g_t a_t^T, whose squared norm is sum_{t,t'} (g_t.g_t')(a_t.a_t')."""
+    layers = {name: m for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) or type(m).__name__ in ROW_LAYERS}
+    covered = {f"{n}.{p}" for n, m in layers.items() for p, q in m.named_parameters(recurse=False) if q.requires_grad}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if trainable - covered:
-        raise TypeError(f"clipped_grad_sum handles nn.Linear parameters only, not {sorted(trainable - covered)}")
-    inputs: dict[str, torch.Tensor] = {}
+        raise TypeError(f"clipped_grad_sum handles Linear/RowBias/RowParameter parameters, not {sorted(trainable - covered)}")
+    inputs: dict[str, torch.Tensor | None] = {}
     outputs: dict[str, torch.Tensor] = {}
 
     def hook(name):
         def record(module, args, out):
-            if name in outputs or args[0].dim() != 2:
-                raise TypeError(f"{name}: each Linear must be applied once to a (B, in) input")
-            inputs[name], outputs[name] = args[0].detach(), out
+            if name in outputs or out.dim() != 2:
+                raise TypeError(f"{name}: each layer must be applied once, to (rows, features)")
+            inputs[name] = args[0].detach() if isinstance(module, nn.Linear) else None
+            outputs[name] = out
         return record
-    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
     try:
         losses = per_sample_loss()
     finally:
         for h in handles:
             h.remove()
-    names = [n for n in linears if n in outputs and linears[n].weight.requires_grad]
-    out_grads = torch.autograd.grad(losses.sum(), [outputs[n] for n in names])
-    sq_norms = torch.zeros(len(losses), device=losses.device)
-    for n, g in zip(names, out_grads):
-        sq_norms += inputs[n].pow(2).sum(1) * g.pow(2).sum(1)
-        if linears[n].bias is not None:
-            sq_norms += g.pow(2).sum(1)
-    norms = sq_norms.sqrt()
+    n_records = len(losses)
+    names = [n for n in layers if n in outputs and any(p.requires_grad for p in layers[n].parameters(recurse=False))]
+    out_grads = dict(zip(names, torch.autograd.grad(losses.sum(), [outputs[n] for n in names], allow_unused=True)))
+    sq_norms = torch.zeros(n_records, device=losses.device)
+    grouped = {}
+    for n in names:
+        g = out_grads[n]
+        if g is None:
+            continue
+        g = g.reshape(n_records, -1, g.shape[-1])            # (B, T, out)
+        a = None if inputs[n] is None else inputs[n].reshape(n_records, -1, inputs[n].shape[-1])
+        grouped[n] = (g, a)
+        if a is not None:
+            if g.shape[1] == 1:
+                sq_norms += a[:, 0].pow(2).sum(-1) * g[:, 0].pow(2).sum(-1)
+            else:
+                sq_norms += (torch.einsum("bti,bsi->bts", a, a) * torch.einsum("bto,bso->bts", g, g)).sum((1, 2))
+        if a is None or layers[n].bias is not None:
+            sq_norms += g.sum(1).pow(2).sum(-1)
+    norms = sq_norms.clamp(min=0).sqrt()
     factors = clip_factors(norms, max_grad_norm)
     grads = {}
-    for n, g in zip(names, out_grads):
-        scaled = g * factors[:, None]
-        grads[f"{n}.weight"] = scaled.T @ inputs[n]
-        if linears[n].bias is not None:
-            grads[f"{n}.bias"] = scaled.sum(0)
+    for n, (g, a) in grouped.items():
+        scaled = g * factors[:, None, None]
+        if a is not None:
+            grads[f"{n}.weight"] = torch.einsum("bto,bti->oi", scaled, a)
+            if layers[n].bias is not None:
+                grads[f"{n}.bias"] = scaled.sum((0, 1))
+        else:
+            (pname, _), = layers[n].named_parameters(recurse=False)
+            grads[f"{n}.{pname}"] = scaled.sum((0, 1))
     for n, p in model.named_parameters():  # layers the loss never used get zero gradient
         if p.requires_grad and n not in grads:
             grads[n] = torch.zeros_like(p)

@@ -3,6 +3,7 @@ from federated.methods.base import Method
 from federated.methods.dpcgan import DPCGAN
 from federated.methods.dpcvae import DPCVAE
 from federated.methods.fedavg import FedAvg
+from federated.methods.fedhypevae import FedHypeVAE
 from federated.methods.fedlambda import FedLambda
 from federated.methods.fedprox import FedProx
 from federated.methods.local import Centralized, Local
@@ -15,4 +16,5 @@ METHODS: dict[str, type[Method]] = {
     "centralized": Centralized,
     "dpcvae": DPCVAE,
     "dpcgan": DPCGAN,
+    "fedhypevae": FedHypeVAE,
 }

@@ -190,11 +190,17 @@ class Anonymizer(Method):
     def shared_parameters(self) -> dict[str, int]:
         raise NotImplementedError
 
+    def epsilon_alone(self, history) -> float:
+        """The epsilon one part of the ledger would cost on its own (the parts compose to epsilon_spent)."""
+        return epsilon_of(history, self.privacy.delta, self.privacy.accountant)
+
     def report(self) -> dict:
         clients = []
         for i, c in enumerate(self.ctx.clients):
-            steps = sum(h[2] for h in self.accountants[i].history if h[1] < 1.0)
-            clients.append({"id": c.id, "epsilon_spent": self.accountants[i].epsilon() if self.privacy.enabled else None,
+            steps, dp = self.accountants[i].steps, self.privacy.enabled
+            clients.append({"id": c.id, "epsilon_spent": self.accountants[i].epsilon() if dp else None,
+                            "epsilon_training": self.epsilon_alone([(self.noise_multipliers[i], self.sample_rates[i], steps)]) if dp else None,
+                            "epsilon_releases": self.epsilon_alone([(r["noise_multiplier"], 1.0, 1) for r in self.accountants[i].releases]) if dp else None,
                             "noise_multiplier": self.noise_multipliers[i], "sample_rate": self.sample_rates[i],
                             "steps": steps, "history": self.accountants[i].history,
                             "releases": self.accountants[i].releases,

@@ -1,0 +1,247 @@
+"""FedHypeVAE (Gupta et al., Algorithm 1, Eqs. 1-13) in the anonymizer round loop.
+
+Client i trains its encoder psi_i and code v_i (private, never sent) and a copy of the shared
+hypernetwork Phi on -ELBO (hyper-generated prior) + lambda_MMD MMD^2 + lambda_v |v_i|^2 + lambda_Lip
+R_Lip, with |v_i| <= r projected after every step. Each step is DP-SGD over the joint per-record
+gradient of (psi_i, v_i, Phi): the paper privatises only grad_Phi, but psi_i and v_i are functions
+of the data that shape grad_Phi, so leaving their updates unprivatised would void the guarantee.
+The regularisers involve no record and get their exact gradient. Per round the client sends only
+the change of its Phi copy, i.e. the (learning-rate scaled) sum of its privatised Phi gradients;
+the server applies the n-weighted average (Eq. 10) and projects the hypernetwork's layers to
+spectral norm <= 1 (Lipschitz control besides R_Lip).
+
+After training, every client releases DP-noisy per-class sums of clipped embeddings, their squares
+and counts (Gaussian mechanism, accounted in the same budget); the server fits a neutral meta-code
+v_o, or a mixture of K codes (Eq. 13), matching those class means and (diagonal) variances (Eq. 11),
+and the clients synthesise x ~ p_theta_o(x | z, y), z ~ p_omega_o(z | y) (Eq. 12).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from data.io import UserError
+from federated.clients import make_generator
+from federated.methods.anonymizer import Anonymizer, AnonymizerConfig
+from federated.methods.base import INIT, SERVER, SYNTH, RunContext
+from federated.privacy import clipped_grad_sum
+from models.hypervae import HyperClient, HyperNetwork
+from models.init import init_linear_layers_
+
+META = 7  # make_generator purpose tag of the meta-code fit
+
+
+@dataclass(frozen=True)
+class FedHypeVAEConfig(AnonymizerConfig):
+    hidden: int = 256
+    latent: int = 100
+    beta: float = 0.1
+    code_dim: int = 16
+    code_radius: float = 5.0
+    hyper_hidden: int = 64
+    prior_hidden: int = 64
+    label_dim: int = 16
+    hyper_lr: float = 1e-3
+    lambda_mmd: float = 0.1
+    lambda_lip: float = 1e-3
+    lambda_v: float = 1e-3
+    mmd_bandwidths: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    mmd_samples: int = 4
+    spectral_norm: bool = True
+    meta_codes: int = 1
+    meta_steps: int = 300
+    meta_lr: float = 1e-2
+    meta_beta: float = 1.0
+    meta_samples: int = 64
+    stats_clip: float = 50.0
+    stats_noise: float = 20.0
+
+
+def project_(v: torch.Tensor, radius: float) -> None:
+    with torch.no_grad():
+        v.mul_((radius / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
+
+
+def lipschitz_penalty(hyper: HyperNetwork) -> torch.Tensor:
+    """R_Lip: sum of squared spectral norms of the hypernetwork's layers."""
+    return sum(torch.linalg.matrix_norm(m.weight, ord=2).pow(2) for m in hyper.hyper_layers())
+
+
+class FedHypeVAE(Anonymizer):
+    name = "fedhypevae"
+    Config = FedHypeVAEConfig
+
+    def __init__(self, ctx: RunContext, cfg: FedHypeVAEConfig) -> None:
+        if cfg.mmd_samples < 2:
+            raise UserError(f"--mmd-samples must be >= 2 (the unbiased MMD needs pairs), got {cfg.mmd_samples}")
+        if cfg.meta_codes < 1 or cfg.code_radius <= 0 or cfg.stats_clip <= 0:
+            raise UserError("--meta-codes must be >= 1, --code-radius and --stats-clip > 0")
+        super().__init__(ctx, cfg)
+        sizes = dict(latent=cfg.latent, hidden=cfg.hidden, code_dim=cfg.code_dim, hyper_hidden=cfg.hyper_hidden,
+                     prior_hidden=cfg.prior_hidden, label_dim=cfg.label_dim)
+        self.global_hyper = self.new_hyper(make_generator(ctx.seed, SERVER, INIT))
+        self.models = []
+        for c in ctx.clients:
+            gen = make_generator(ctx.seed, c.id, INIT)
+            model = init_linear_layers_(HyperClient(ctx.dim, ctx.n_classes, **sizes), gen).to(ctx.device)
+            with torch.no_grad():  # v_i ~ N(0, I) (Algorithm 1), within the radius
+                model.code.weight.copy_(torch.randn(cfg.code_dim, generator=gen))
+            project_(model.code.weight, cfg.code_radius)
+            self.models.append(model)
+        self.receive(self.global_hyper.state_dict())
+        self.local_opts = [torch.optim.Adam([*m.encoder.parameters(), m.code.weight], lr=cfg.gen.lr) for m in self.models]
+        self.hyper_opts = [torch.optim.SGD(m.hyper.parameters(), lr=cfg.hyper_lr) for m in self.models]
+        self.meta_codes: torch.Tensor | None = None
+        self.meta_weights: torch.Tensor | None = None
+
+    def new_hyper(self, gen: torch.Generator) -> HyperNetwork:
+        cfg = self.cfg
+        hyper = init_linear_layers_(HyperNetwork(self.ctx.dim, self.ctx.n_classes, cfg.latent, cfg.hidden, 3, cfg.code_dim,
+                                                 cfg.hyper_hidden, cfg.prior_hidden, cfg.label_dim), gen)
+        with torch.no_grad():  # start from d_l = 1, delta b_l = 0: the base decoder itself
+            hyper.h_theta[-1].weight.zero_()
+            hyper.h_theta[-1].bias.zero_()
+        return hyper.to(self.ctx.device)
+
+    def planned_history(self, sigma: float, sample_rate: float, steps: int) -> list[tuple[float, float, int]]:
+        return [(sigma, sample_rate, steps), (self.cfg.stats_noise, 1.0, 1)]
+
+    # --- one round on one client ----------------------------------------------------------------
+    def local_train(self, i: int, rnd: int) -> tuple[dict[str, torch.Tensor], float]:
+        cfg, client, model = self.cfg, self.ctx.clients[i], self.models[i]
+        start = {k: v.detach().clone() for k, v in model.hyper.state_dict().items()}
+        total, steps = 0.0, 0
+        for _ in range(cfg.gen.local_epochs * self.steps_per_epoch[i]):
+            idx = self.poisson_indices(i, self.batch_gens[i]).to(self.ctx.device)
+            x, y = client.x_train[idx], client.y_train[idx]
+            eps = torch.randn(len(idx), cfg.latent, generator=self.latent_gens[i]).to(x)
+            zeta = torch.randn(len(idx), cfg.mmd_samples, cfg.latent, generator=self.latent_gens[i]).to(x)
+            losses = []
+
+            def loss_fn():
+                losses.append(model.per_sample_loss(x, y, eps, zeta, beta=cfg.beta, lambda_mmd=cfg.lambda_mmd,
+                                                    bandwidths=cfg.mmd_bandwidths))
+                return losses[-1]
+            summed, _ = clipped_grad_sum(model, loss_fn, self.clip_norm)
+            grads = self.privatize(i, summed)
+            # record-free regularisers (Eq. 5): exact gradients, no privacy cost
+            reg_params = [model.code.weight, *[m.weight for m in model.hyper.hyper_layers()]]
+            reg = cfg.lambda_v * model.code.weight.pow(2).sum() + cfg.lambda_lip * lipschitz_penalty(model.hyper)
+            reg_grads = dict(zip(map(id, reg_params), torch.autograd.grad(reg, reg_params)))
+            for name, p in model.named_parameters():
+                p.grad = grads[name] + reg_grads.get(id(p), 0)
+            self.local_opts[i].step()
+            self.hyper_opts[i].step()
+            project_(model.code.weight, cfg.code_radius)
+            if len(idx):
+                total, steps = total + float(losses[-1].detach().mean()), steps + 1
+        update = {k: start[k] - v.detach() for k, v in model.hyper.state_dict().items()}
+        return update, total / max(steps, 1)
+
+    def aggregate(self, payloads: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Phi <- Phi - sum_i w_i * (client i's privatised update), then spectral projection."""
+        step = super().aggregate(payloads)
+        hyper = self.global_hyper
+        with torch.no_grad():
+            for k, v in hyper.state_dict().items():
+                v.sub_(step[k])
+            if self.cfg.spectral_norm:
+                for layer in hyper.hyper_layers():
+                    layer.weight.div_(torch.linalg.matrix_norm(layer.weight, ord=2).clamp(min=1.0))
+        return hyper.state_dict()
+
+    def receive(self, shared: dict[str, torch.Tensor]) -> None:
+        self.global_hyper.load_state_dict(shared)
+        for m in self.models:
+            m.hyper.load_state_dict(shared)
+
+    # --- post-training: DP class statistics and the meta-code ------------------------------------
+    def release_class_stats(self, i: int) -> torch.Tensor:
+        """Per class: sums of u = clip(x)/R, of u^2, and the count; one record changes one class
+        block by at most sqrt(3) in L2, so noise std = stats_noise * sqrt(3)."""
+        c = self.ctx.clients[i]
+        u = c.x_train / (c.x_train.norm(dim=1, keepdim=True) / self.cfg.stats_clip).clamp(min=1.0) / self.cfg.stats_clip
+        rows = torch.cat([u, u.pow(2), torch.ones(len(u), 1, device=u.device)], dim=1)
+        sums = torch.zeros(self.ctx.n_classes, rows.shape[1], device=u.device).index_add_(0, c.y_train, rows)
+        if self.privacy.enabled:
+            sums = sums + self.cfg.stats_noise * math.sqrt(3) * torch.randn(sums.shape, generator=self.noise_gens[i]).to(sums)
+            self.accountants[i].release("class_stats", self.cfg.stats_noise)
+        return sums
+
+    def fit_meta_codes(self, stats: torch.Tensor) -> None:
+        """Eq. 11 (Eq. 13 for K > 1): codes whose decoded class means/variances match the released ones."""
+        cfg, d, hyper = self.cfg, self.ctx.dim, self.global_hyper
+        counts = stats[:, -1].clamp(min=1.0)
+        mean = cfg.stats_clip * stats[:, :d] / counts[:, None]
+        var = (cfg.stats_clip ** 2 * stats[:, d:2 * d] / counts[:, None] - mean.pow(2)).clamp(min=0)
+        classes = torch.nonzero(stats[:, -1] >= 20).squeeze(1)  # classes the federation (noisily) has
+        gen = make_generator(self.ctx.seed, SERVER, META)
+        codes = nn.Parameter(torch.randn(cfg.meta_codes, cfg.code_dim, generator=gen).to(self.ctx.device))
+        logits = nn.Parameter(torch.zeros(cfg.meta_codes, device=self.ctx.device))
+        project_(codes.data, cfg.code_radius)
+        zeta = torch.randn(len(classes), cfg.meta_samples, cfg.latent, generator=gen).to(self.ctx.device)
+        opt = torch.optim.Adam([codes, logits], lr=cfg.meta_lr)
+        hyper.requires_grad_(False)
+        y = classes.repeat_interleave(cfg.meta_samples)
+        for _ in range(cfg.meta_steps):
+            x = self.decode_from_codes(codes, torch.softmax(logits, 0), y, zeta.reshape(len(y), -1))
+            x = x.reshape(len(classes), cfg.meta_samples, d)
+            loss = ((x.mean(1) - mean[classes]).pow(2).sum(-1)
+                    + cfg.meta_beta * (x.var(1) - var[classes]).pow(2).sum(-1)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            project_(codes.data, cfg.code_radius)
+        hyper.requires_grad_(True)
+        self.meta_codes, self.meta_weights = codes.detach(), torch.softmax(logits.detach(), 0)
+        self.meta_fit_loss = float(loss.detach())
+
+    def decode_from_codes(self, codes: torch.Tensor, weights: torch.Tensor, y: torch.Tensor,
+                          noise: torch.Tensor) -> torch.Tensor:
+        """x = decoder_{theta_mix}(z, y), z ~ p_{omega_mix}(z | y): theta_mix, omega_mix the pi-weighted
+        hypernetwork outputs of the codes (Eq. 13; one code: Eq. 12)."""
+        hyper = self.global_hyper
+        scales_k, shifts_k = hyper.modulation(codes)
+        scales = [(weights[:, None] * s).sum(0).expand(len(y), -1) for s in scales_k]
+        shifts = [(weights[:, None] * s).sum(0).expand(len(y), -1) for s in shifts_k]
+        features = (weights[:, None] * hyper.prior_features(codes)).sum(0).expand(len(y), -1)
+        mu, logvar = hyper.prior(y, features)
+        z = mu + torch.exp(0.5 * logvar) * noise
+        return hyper.decode(z, y, scales, shifts)
+
+    def finish(self) -> None:
+        stats = [self.ctx.uplink.send(c.id, {"class_stats": self.release_class_stats(i)})["class_stats"]
+                 for i, c in enumerate(self.ctx.clients)]
+        self.fit_meta_codes(torch.stack(stats).sum(0))
+        super().finish()
+
+    def sample(self, i: int, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(len(y), self.cfg.latent, generator=gen).to(self.ctx.device) * self.cfg.synthesis.z_var ** 0.5
+        return self.decode_from_codes(self.meta_codes, self.meta_weights, y, noise)
+
+    # --- state and report -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"models": [m.state_dict() for m in self.models], "hyper": self.global_hyper.state_dict(),
+                "local_opts": [o.state_dict() for o in self.local_opts], **self.anonymizer_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for m, s in zip(self.models, state["models"]):
+            m.load_state_dict(s)
+        for o, s in zip(self.local_opts, state["local_opts"]):
+            o.load_state_dict(s)
+        self.global_hyper.load_state_dict(state["hyper"])
+        self.load_anonymizer_state(state)
+
+    def shared_parameters(self) -> dict:
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {"shared": count(self.global_hyper), "total": count(self.models[0]), "shared_model": "hypernetwork",
+                "private_per_client": count(self.models[0].encoder) + self.cfg.code_dim}
+
+    def report(self) -> dict:
+        out = super().report()
+        out["meta_code"] = {"k": self.cfg.meta_codes, "weights": [] if self.meta_weights is None else self.meta_weights.tolist(),
+                            "fit_loss": getattr(self, "meta_fit_loss", None)}
+        return out
