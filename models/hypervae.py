@@ -121,12 +121,13 @@ class HyperClient(nn.Module):
         b, k = zeta.shape[0], zeta.shape[1]
         mu_q, logvar_q = self.encoder(torch.cat([x, one_hot(y, self.n_classes, x.dtype)], -1)).chunk(2, -1)
         z = mu_q + torch.exp(0.5 * logvar_q) * eps
-        codes = self.code(b * (1 + k))                       # rows grouped by record: (1 + K) each
-        mu_p, logvar_p = self.hyper.prior(y, self.hyper.prior_features(codes[:: 1 + k]))
+        codes = self.code(b)                                 # one row per record
+        mu_p, logvar_p = self.hyper.prior(y, self.hyper.prior_features(codes))
         kl = 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1).sum(-1)
         z_prior = mu_p[:, None] + torch.exp(0.5 * logvar_p)[:, None] * zeta
         zz = torch.cat([z[:, None], z_prior], 1).reshape(b * (1 + k), -1)
-        scales, shifts = self.hyper.modulation(codes)
+        scales, shifts = self.hyper.modulation(codes)          # decoder rows: (1 + K) per record
+        scales, shifts = ([t.repeat_interleave(1 + k, dim=0) for t in ts] for ts in (scales, shifts))
         out = self.hyper.decode(zz, y.repeat_interleave(1 + k), scales, shifts).reshape(b, 1 + k, -1)
         recon, generated = out[:, 0], out[:, 1:]
         mse = (recon - x).pow(2).mean(-1)

@@ -65,9 +65,19 @@ def project_(v: torch.Tensor, radius: float) -> None:
         v.mul_((radius / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
 
 
+def spectral_norm(weight: torch.Tensor, iters: int = 10) -> torch.Tensor:
+    """sigma_max(W) by power iteration from a fixed start (differentiable: d sigma = u v^T)."""
+    with torch.no_grad():
+        v = torch.ones(weight.shape[1], device=weight.device) / weight.shape[1] ** 0.5
+        for _ in range(iters):
+            u = torch.nn.functional.normalize(weight @ v, dim=0)
+            v = torch.nn.functional.normalize(weight.T @ u, dim=0)
+    return u @ weight @ v
+
+
 def lipschitz_penalty(hyper: HyperNetwork) -> torch.Tensor:
     """R_Lip: sum of squared spectral norms of the hypernetwork's layers."""
-    return sum(torch.linalg.matrix_norm(m.weight, ord=2).pow(2) for m in hyper.hyper_layers())
+    return sum(spectral_norm(m.weight).pow(2) for m in hyper.hyper_layers())
 
 
 class FedHypeVAE(Anonymizer):
