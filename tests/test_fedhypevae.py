@@ -1,0 +1,148 @@
+"""FedHypeVAE: row-scaled generation, per-record clipping through the hypernetwork, MMD, the code
+bound, what crosses the channel, the privacy ledger (training + statistics) and determinism."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from federated.privacy import clip_and_sum, clipped_grad_sum, per_sample_grads_vmap
+from models.hypervae import HyperClient, HyperNetwork, mmd2_unbiased
+from tests.test_federated import results_of, strip_timing
+from tests.test_privacy import DP_FAST
+import train
+
+HV_FAST = [*DP_FAST, "--method", "fedhypevae", "--code-dim", "3", "--hyper-hidden", "8", "--prior-hidden", "8",
+           "--label-dim", "2", "--mmd-samples", "2", "--meta-steps", "20", "--meta-samples", "8", "--stats-clip", "30"]
+KW = dict(beta=0.1, lambda_mmd=1.0, bandwidths=(0.5, 1.0))
+
+
+def tiny_client(seed=0):
+    torch.manual_seed(seed)
+    m = HyperClient(6, 3, latent=4, hidden=8, code_dim=3, hyper_hidden=5, prior_hidden=5, label_dim=2, depth=2)
+    with torch.no_grad():
+        m.code.weight.normal_()
+        m.hyper.h_theta[-1].weight.mul_(3)  # row scales clearly away from 1
+    return m
+
+
+def test_row_scaled_decoder_equals_explicit_linear_with_diag_d_times_W():
+    m = tiny_client()
+    hyper = m.hyper
+    z, y = torch.randn(7, 4), torch.randint(3, (7,))
+    scales, shifts = hyper.modulation(m.code(7))
+    out = hyper.decode(z, y, scales, shifts)
+    h = torch.cat([z, torch.nn.functional.one_hot(y, 3).float()], -1)
+    for layer, (base, bias) in enumerate(zip(hyper.base, hyper.base_bias)):
+        d, db = scales[layer][0], shifts[layer][0]
+        explicit = torch.nn.Linear(base.in_features, base.out_features)
+        with torch.no_grad():
+            explicit.weight.copy_(torch.diag(d) @ base.weight)
+            explicit.bias.copy_(bias.bias + db)
+        h = explicit(h)
+        if layer < len(hyper.base) - 1:
+            h = torch.relu(h)
+    assert not torch.allclose(scales[0], torch.ones_like(scales[0]))
+    torch.testing.assert_close(out, h, rtol=1e-5, atol=1e-6)
+
+
+class Wrap(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x, y, e, z):
+        return self.m.per_sample_loss(x, y, e, z, **KW)
+
+
+def test_per_record_clipping_through_the_hypernetwork_equals_vmap():
+    m = tiny_client()
+    x, y, eps, zeta = torch.randn(5, 6) * 2, torch.randint(3, (5,)), torch.randn(5, 4), torch.randn(5, 3, 4)
+    fast, norms = clipped_grad_sum(m, lambda: m.per_sample_loss(x, y, eps, zeta, **KW), 15.0)
+    per_sample = per_sample_grads_vmap(Wrap(m), lambda f, *s: f(*s).sum(), x, y, eps, zeta)
+    reference, ref_norms = clip_and_sum({k[2:]: v for k, v in per_sample.items()}, 15.0)
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-4, atol=1e-5)
+    for name in reference:
+        torch.testing.assert_close(fast[name], reference[name], rtol=1e-4, atol=1e-5)
+    assert {n.split(".")[0] for n in fast} == {"encoder", "code", "hyper"}
+    assert (norms > 15.0).any() and (norms < 15.0).any()
+
+
+def test_one_outlier_record_moves_the_hypernetwork_update_by_at_most_C():
+    m = tiny_client()
+    x, y, eps, zeta = torch.randn(6, 6), torch.randint(3, (6,)), torch.randn(6, 4), torch.randn(6, 2, 4)
+    base, _ = clipped_grad_sum(m, lambda: m.per_sample_loss(x, y, eps, zeta, **KW), 1.5)
+    x_out = x.clone()
+    x_out[2] = 1e3
+    moved, norms = clipped_grad_sum(m, lambda: m.per_sample_loss(x_out, y, eps, zeta, **KW), 1.5)
+    assert norms[2] > 100
+    diff = torch.sqrt(sum((moved[k] - base[k]).pow(2).sum() for k in base))
+    assert diff <= 2 * 1.5 + 1e-4
+
+
+def test_mmd_is_near_zero_for_one_distribution_and_positive_for_a_shift():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(400, 16, generator=g), torch.randn(400, 16, generator=g)
+    same = mmd2_unbiased(a, b, (0.5, 1.0, 2.0))
+    shifted = mmd2_unbiased(a, b + 1.0, (0.5, 1.0, 2.0))
+    assert abs(same) < 0.005 and shifted > 0.05, (same, shifted)
+
+
+def run_hv(db, out, *extra, seeds=("1",)):
+    args = train.get_args_parser().parse_args(["--db", str(db), "--out", str(out), *HV_FAST, "--seeds", *seeds, *extra])
+    assert train.main(args) == 0
+
+
+def test_codes_and_encoders_stay_on_the_client_and_codes_stay_bounded(tiny_db, tmp_path, monkeypatch):
+    from federated.methods.base import Channel
+    from federated.methods.fedhypevae import FedHypeVAE
+    seen, codes = [], []
+    original_send, original_train = Channel.send, FedHypeVAE.local_train
+
+    def spy(self, client_id, payload):
+        seen.append({k: v.detach().clone() for k, v in payload.items()})
+        return original_send(self, client_id, payload)
+
+    def train_and_check(self, i, rnd):
+        out = original_train(self, i, rnd)
+        codes.append(self.models[i].code.weight.detach().clone())
+        return out
+    monkeypatch.setattr(Channel, "send", spy)
+    monkeypatch.setattr(FedHypeVAE, "local_train", train_and_check)
+    run_hv(tiny_db, tmp_path / "r", "--code-radius", "0.5")
+    hyper_keys = set(HyperNetwork(16, 4, 8, 32, 3, 3, 8, 8, 2).state_dict())
+    for payload in seen:
+        assert set(payload) in ({"n_train"}, {"class_stats"}, hyper_keys), set(payload)
+        for t in payload.values():
+            for code in codes:
+                assert t.shape != code.shape or not torch.allclose(t, code)
+    assert sum(set(p) == hyper_keys for p in seen) == 2 * 3
+    assert codes and all(c.norm() <= 0.5 + 1e-5 for c in codes)
+
+
+def test_spent_epsilon_covers_training_and_statistics(tiny_db, tmp_path):
+    run_hv(tiny_db, tmp_path / "r", "--epsilon", "2.0")
+    res = results_of(tmp_path / "r", "fedhypevae")
+    privacy = res["privacy"]
+    assert privacy["epsilon_spent_max"] <= 2.0
+    for c in privacy["clients"]:
+        assert [r["what"] for r in c["releases"]] == ["n_train", "class_stats"]
+        acc = RDPAccountant()
+        for sigma, q, steps in c["history"]:
+            for _ in range(steps):
+                acc.step(noise_multiplier=sigma, sample_rate=q)
+        total = acc.get_epsilon(delta=1e-4)
+        assert total <= 2.0 and c["epsilon_spent"] == pytest.approx(total, rel=1e-6)
+        assert 0 < c["epsilon_releases"] < total and 0 < c["epsilon_training"] < total
+        assert [h for h in c["history"] if h[0] == 20.0] == [[20.0, 1.0, 1]]  # the statistics release
+    assert res["n_params"]["shared_model"] == "hypernetwork" and res["communication"]["uplink_bytes_per_client_round"] > 0
+
+
+def test_same_seed_identical_and_meta_code_mixture(tiny_db, tmp_path):
+    run_hv(tiny_db, tmp_path / "a", "--meta-codes", "2")
+    run_hv(tiny_db, tmp_path / "b", "--meta-codes", "2")
+    a, b = results_of(tmp_path / "a", "fedhypevae"), results_of(tmp_path / "b", "fedhypevae")
+    assert json.dumps(strip_timing(a)) == json.dumps(strip_timing(b))
+    assert a["meta_code"]["k"] == 2 and sum(a["meta_code"]["weights"]) == pytest.approx(1.0)
