@@ -209,8 +209,6 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--batch-size must be >= 1, got {args.local_batch_size}")
     if args.downstream_batch_size < 0:
         raise UserError(f"--downstream-batch-size must be >= 0 (0 = full batch), got {args.downstream_batch_size}")
-    if args.split_kind == "dirichlet" and args.alpha <= 0:
-        raise UserError(f"--alpha must be > 0, got {args.alpha}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available here; use --device cpu")
 

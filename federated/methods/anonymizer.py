@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -16,7 +17,7 @@ from data.io import UserError
 from federated.clients import ClientData, make_generator, poisson_batch
 from federated.methods.base import BATCHES, DOWNSTREAM, LATENT, NOISE, SYNTH, Method, RunContext
 from federated.methods.fedavg import weighted_average
-from federated.privacy import ClientAccountant, PrivacyConfig, add_noise, calibrate_noise, epsilon_of
+from federated.privacy import ClientAccountant, PrivacyConfig, add_noise, calibrate_noise, clipped_grad_sum, epsilon_of
 from federated.training import OptimConfig, downstream_default, fit_classifier, predict_proba
 
 POLICIES = ("fill", "reference", "uniform")
@@ -118,6 +119,23 @@ class Anonymizer(Method):
     @property
     def clip_norm(self) -> float:
         return self.privacy.max_grad_norm if self.privacy.enabled else float("inf")
+
+    def private_gradients(self, i: int, model: torch.nn.Module, per_sample_loss: Callable[[], torch.Tensor]
+                          ) -> tuple[dict[str, torch.Tensor], float | None]:
+        """One DP-SGD gradient of client i: clipped per-record sum, noise, accountant step. Also the
+        batch's mean loss (None for an empty Poisson batch)."""
+        losses = []
+
+        def recorded() -> torch.Tensor:
+            losses.append(per_sample_loss())
+            return losses[-1]
+        summed, _ = clipped_grad_sum(model, recorded, self.clip_norm)
+        mean = float(losses[0].detach().mean()) if len(losses[0]) else None
+        return self.privatize(i, summed), mean
+
+    def latent_noise(self, n: int, dim: int, gen: torch.Generator) -> torch.Tensor:
+        """Latent draws for synthesis, with the configured variance."""
+        return torch.randn(n, dim, generator=gen).to(self.ctx.device) * self.cfg.synthesis.z_var ** 0.5
 
     # --- hooks -------------------------------------------------------------------------------
     def local_train(self, i: int, rnd: int) -> tuple[dict[str, torch.Tensor], float]:

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from federated.clients import make_generator
 from federated.methods.anonymizer import Anonymizer, AnonymizerConfig, GenTrainConfig
 from federated.methods.base import INIT, SERVER, RunContext
-from federated.privacy import clipped_grad_sum
+from models import count_parameters
 from models.cgan import Discriminator, Generator
 from models.init import init_linear_layers_
 
@@ -58,14 +58,10 @@ class DPCGAN(Anonymizer):
             # discriminator: private gradient on real records + exact gradient on generated ones
             idx = self.poisson_indices(i, self.batch_gens[i]).to(self.ctx.device)
             x, y = client.x_train[idx], client.y_train[idx]
-            real_losses = []
-
             def real_loss():
                 logits = D(x, y)
-                real_losses.append(F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none"))
-                return real_losses[-1]
-            summed, _ = clipped_grad_sum(D, real_loss, self.clip_norm)
-            private = self.privatize(i, summed)
+                return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
+            private, _ = self.private_gradients(i, D, real_loss)
             with torch.no_grad():
                 x_fake, y_fake = self.fake(i, n_fake)
             logits = D(x_fake, y_fake)
@@ -91,7 +87,7 @@ class DPCGAN(Anonymizer):
             g.load_state_dict(shared)
 
     def sample(self, i: int, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        z = torch.randn(len(y), self.cfg.latent, generator=gen).to(self.ctx.device) * self.cfg.synthesis.z_var ** 0.5
+        z = self.latent_noise(len(y), self.cfg.latent, gen)
         self.global_generator.eval()
         return self.global_generator(z, y)
 
@@ -110,6 +106,5 @@ class DPCGAN(Anonymizer):
         self.load_anonymizer_state(state)
 
     def shared_parameters(self) -> dict[str, int]:
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-        return {"shared": count(self.global_generator),
-                "total": count(self.global_generator) + count(self.discriminators[0]), "shared_model": "generator"}
+        shared = count_parameters(self.global_generator)
+        return {"shared": shared, "total": shared + count_parameters(self.discriminators[0]), "shared_model": "generator"}

@@ -9,7 +9,7 @@ import torch
 from federated.clients import make_generator
 from federated.methods.anonymizer import Anonymizer, AnonymizerConfig
 from federated.methods.base import INIT, SERVER, RunContext
-from federated.privacy import clipped_grad_sum
+from models import count_parameters
 from models.cvae import CVAE
 from models.init import init_linear_layers_
 
@@ -44,18 +44,12 @@ class DPCVAE(Anonymizer):
             idx = self.poisson_indices(i, self.batch_gens[i]).to(self.ctx.device)
             x, y = client.x_train[idx], client.y_train[idx]
             eps = torch.randn(len(idx), self.cfg.latent, generator=self.latent_gens[i]).to(x)
-            losses = []
-
-            def loss_fn():
-                losses.append(model.per_sample_loss(x, y, eps, self.cfg.beta))
-                return losses[-1]
-            summed, _ = clipped_grad_sum(model, loss_fn, self.clip_norm)
-            grads = self.privatize(i, summed)
+            grads, loss = self.private_gradients(i, model, lambda: model.per_sample_loss(x, y, eps, self.cfg.beta))
             for name, p in model.named_parameters():
                 p.grad = grads[name]
             opt.step()
-            if len(idx):
-                total, steps = total + float(losses[-1].detach().mean()), steps + 1
+            if loss is not None:
+                total, steps = total + loss, steps + 1
         return {k: v.detach().clone() for k, v in model.decoder.state_dict().items()}, total / max(steps, 1)
 
     def receive(self, shared: dict[str, torch.Tensor]) -> None:
@@ -64,7 +58,7 @@ class DPCVAE(Anonymizer):
             m.decoder.load_state_dict(shared)
 
     def sample(self, i: int, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        z = torch.randn(len(y), self.cfg.latent, generator=gen).to(self.ctx.device) * self.cfg.synthesis.z_var ** 0.5
+        z = self.latent_noise(len(y), self.cfg.latent, gen)
         cvae = self.models[i]  # its decoder is the global one
         cvae.eval()
         return cvae.decode(z, y)
@@ -83,6 +77,5 @@ class DPCVAE(Anonymizer):
         self.load_anonymizer_state(state)
 
     def shared_parameters(self) -> dict[str, int]:
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-        return {"shared": count(self.global_decoder), "total": count(self.models[0]),
+        return {"shared": count_parameters(self.global_decoder), "total": count_parameters(self.models[0]),
                 "shared_model": "decoder"}

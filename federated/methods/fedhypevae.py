@@ -27,7 +27,7 @@ from data.io import UserError
 from federated.clients import make_generator
 from federated.methods.anonymizer import Anonymizer, AnonymizerConfig
 from federated.methods.base import INIT, SERVER, SYNTH, RunContext
-from federated.privacy import clipped_grad_sum
+from models import count_parameters
 from models.hypervae import HyperClient, HyperNetwork
 from models.init import init_linear_layers_
 
@@ -106,6 +106,7 @@ class FedHypeVAE(Anonymizer):
         self.hyper_opts = [torch.optim.SGD(m.hyper.parameters(), lr=cfg.hyper_lr) for m in self.models]
         self.meta_codes: torch.Tensor | None = None
         self.meta_weights: torch.Tensor | None = None
+        self.meta_fit_loss: float | None = None
 
     def new_hyper(self, gen: torch.Generator) -> HyperNetwork:
         cfg = self.cfg
@@ -129,14 +130,8 @@ class FedHypeVAE(Anonymizer):
             x, y = client.x_train[idx], client.y_train[idx]
             eps = torch.randn(len(idx), cfg.latent, generator=self.latent_gens[i]).to(x)
             zeta = torch.randn(len(idx), cfg.mmd_samples, cfg.latent, generator=self.latent_gens[i]).to(x)
-            losses = []
-
-            def loss_fn():
-                losses.append(model.per_sample_loss(x, y, eps, zeta, beta=cfg.beta, lambda_mmd=cfg.lambda_mmd,
-                                                    bandwidths=cfg.mmd_bandwidths))
-                return losses[-1]
-            summed, _ = clipped_grad_sum(model, loss_fn, self.clip_norm)
-            grads = self.privatize(i, summed)
+            grads, loss = self.private_gradients(i, model, lambda: model.per_sample_loss(
+                x, y, eps, zeta, beta=cfg.beta, lambda_mmd=cfg.lambda_mmd, bandwidths=cfg.mmd_bandwidths))
             # record-free regularisers (Eq. 5): exact gradients, no privacy cost
             reg_params = [model.code.weight, *[m.weight for m in model.hyper.hyper_layers()]]
             reg = cfg.lambda_v * model.code.weight.pow(2).sum() + cfg.lambda_lip * lipschitz_penalty(model.hyper)
@@ -146,8 +141,8 @@ class FedHypeVAE(Anonymizer):
             self.local_opts[i].step()
             self.hyper_opts[i].step()
             project_(model.code.weight, cfg.code_radius)
-            if len(idx):
-                total, steps = total + float(losses[-1].detach().mean()), steps + 1
+            if loss is not None:
+                total, steps = total + loss, steps + 1
         update = {k: start[k] - v.detach() for k, v in model.hyper.state_dict().items()}
         return update, total / max(steps, 1)
 
@@ -229,7 +224,7 @@ class FedHypeVAE(Anonymizer):
         super().finish()
 
     def sample(self, i: int, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        noise = torch.randn(len(y), self.cfg.latent, generator=gen).to(self.ctx.device) * self.cfg.synthesis.z_var ** 0.5
+        noise = self.latent_noise(len(y), self.cfg.latent, gen)
         return self.decode_from_codes(self.meta_codes, self.meta_weights, y, noise)
 
     # --- state and report -------------------------------------------------------------------------
@@ -246,12 +241,12 @@ class FedHypeVAE(Anonymizer):
         self.load_anonymizer_state(state)
 
     def shared_parameters(self) -> dict:
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-        return {"shared": count(self.global_hyper), "total": count(self.models[0]), "shared_model": "hypernetwork",
-                "private_per_client": count(self.models[0].encoder) + self.cfg.code_dim}
+        return {"shared": count_parameters(self.global_hyper), "total": count_parameters(self.models[0]),
+                "shared_model": "hypernetwork",
+                "private_per_client": count_parameters(self.models[0].encoder) + self.cfg.code_dim}
 
     def report(self) -> dict:
         out = super().report()
         out["meta_code"] = {"k": self.cfg.meta_codes, "weights": [] if self.meta_weights is None else self.meta_weights.tolist(),
-                            "fit_loss": getattr(self, "meta_fit_loss", None)}
+                            "fit_loss": self.meta_fit_loss}
         return out
