@@ -147,6 +147,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="samples per class for --synthesis uniform")
     g.add_argument("--z-var", dest="synthesis_z_var", type=float, default=1.0, help="latent variance when sampling")
 
+    g = p.add_argument_group("Fidelity and membership audit (anonymizers)")
+    g.add_argument("--no-release-eval", dest="evaluation_enabled", action="store_false",
+                   help="skip the fidelity metrics, TSTR and membership audit of the synthetic data")
+    g.add_argument("--eval-max-samples", dest="evaluation_max_samples", type=int, default=2000,
+                   help="samples per side for the overall fidelity metrics and per attack set")
+    g.add_argument("--eval-max-per-class", dest="evaluation_max_per_class", type=int, default=500,
+                   help="samples per side and class for the per-class fidelity metrics")
+    g.add_argument("--eval-nearest-k", dest="evaluation_nearest_k", type=int, default=5,
+                   help="k of precision / recall / density / coverage")
+    g.add_argument("--eval-projection-per-class", dest="evaluation_projection_per_class", type=int, default=50,
+                   help="points per class and side kept for the 2-D projection picture")
+    g.add_argument("--audit-density-dims", dest="evaluation_density_dims", type=int, default=16,
+                   help="whitened PCA dimensions of the density-ratio (DOMIAS) attack's KDEs")
+
     g = p.add_argument_group("Run")
     g.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[3407],
                    help="one run per seed (the papers average 3407 12345 202502)")
@@ -213,6 +227,13 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--device {args.device}: CUDA is not available here; use --device cpu")
 
 
+def changed_settings(old: dict, new: dict, defaults: dict) -> list[str]:
+    """Settings that differ; a flag added after the old run was made counts only if set off its default."""
+    missing = object()
+    return sorted(k for k in set(old) | set(new)
+                  if old.get(k, missing) != new.get(k) and not (k not in old and new.get(k) == defaults.get(k)))
+
+
 def main(args: argparse.Namespace) -> int:
     method_name = resolve_method(args)
     check_flags(args)
@@ -229,6 +250,7 @@ def main(args: argparse.Namespace) -> int:
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())}
     settings = json.loads(json.dumps({k: v for k, v in flags.items() if k not in NOT_RESULT_FLAGS}))
     device = torch.device(args.device)
+    defaults = {a.dest: a.default for a in get_args_parser()._actions}
     summaries = []
     for seed in args.seeds:
         run_dir = args.out / dataset / method_name / tag / f"seed={seed}"
@@ -239,10 +261,9 @@ def main(args: argparse.Namespace) -> int:
                   "git_commit": git_commit(), "packages": package_versions()}
         if (run_dir / "config.json").exists():
             old = read_json(run_dir / "config.json", what="run config")
-            if old.get("settings") != settings or old.get("method") != method_name:
-                changed = sorted(k for k in set(settings) | set(old.get("settings", {}))
-                                 if settings.get(k) != old.get("settings", {}).get(k))
-                raise UserError(f"{run_dir}: holds a run with other settings ({', '.join(changed)}); "
+            changed = changed_settings(old.get("settings", {}), settings, defaults)
+            if changed or old.get("method") != method_name:
+                raise UserError(f"{run_dir}: holds a run with other settings ({', '.join(changed or ['method'])}); "
                                 "pass --tag NAME for a new run folder")
         if (run_dir / RESULTS).exists():
             print(f"{run_dir}: finished, skipped")

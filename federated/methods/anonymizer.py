@@ -14,8 +14,11 @@ from typing import Callable
 import torch
 
 from data.io import UserError
+from federated.audit import membership_audit
 from federated.clients import ClientData, make_generator, poisson_batch
-from federated.methods.base import BATCHES, DOWNSTREAM, LATENT, NOISE, SYNTH, Method, RunContext
+from federated.evaluation import client_metrics
+from federated.fidelity import ReleaseEvalConfig, fidelity_report
+from federated.methods.base import BATCHES, DOWNSTREAM, LATENT, NOISE, RELEASE_EVAL, SERVER, SYNTH, Method, RunContext
 from federated.methods.fedavg import weighted_average
 from federated.privacy import ClientAccountant, PrivacyConfig, add_noise, calibrate_noise, clipped_grad_sum, epsilon_of
 from federated.training import OptimConfig, downstream_default, fit_classifier, predict_proba
@@ -56,6 +59,7 @@ class AnonymizerConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     downstream: OptimConfig = field(default_factory=downstream_default)
+    evaluation: ReleaseEvalConfig = field(default_factory=ReleaseEvalConfig)
 
 
 class Anonymizer(Method):
@@ -97,6 +101,7 @@ class Anonymizer(Method):
         self.agg_weights = torch.cat(sizes) / total_size
         self.downstream_models: dict[int, torch.nn.Module] = {}
         self.synthetic_sizes: dict[int, int] = {}
+        self.release_eval: dict = {}
 
     def planned_history(self, sigma: float, sample_rate: float, steps: int) -> list[tuple[float, float, int]]:
         """The noisy training steps the whole run will take (a subclass may add releases)."""
@@ -186,6 +191,31 @@ class Anonymizer(Method):
             self.downstream_models[c.id] = fit_classifier(
                 torch.cat([c.x_train, x_syn]), torch.cat([c.y_train, y_syn]), self.ctx.n_classes,
                 self.cfg.downstream, make_generator(self.ctx.seed, c.id, DOWNSTREAM))
+        if self.cfg.evaluation.enabled:
+            self.release_eval = self.evaluate_release()
+
+    def evaluate_release(self) -> dict:
+        """Fidelity, train-on-synthetic-test-on-real and a membership audit of what the trained
+        generator releases: each client draws as many synthetic records as it has training records,
+        with the same labels (its own stream); real held-out = the clients' test splits, members =
+        their training records, the attack's reference population = their validation splits, which
+        no generator saw."""
+        cfg, clients, seed = self.cfg.evaluation, self.ctx.clients, self.ctx.seed
+        with torch.no_grad():
+            syn_x = torch.cat([self.sample(i, c.y_train, make_generator(seed, c.id, RELEASE_EVAL))
+                               for i, c in enumerate(clients)])
+        syn_y = torch.cat([c.y_train for c in clients])
+
+        def pooled(attr: str) -> torch.Tensor:
+            return torch.cat([getattr(c, attr) for c in clients])
+        x_test, y_test = pooled("x_test"), pooled("y_test")
+        tstr_model = fit_classifier(syn_x, syn_y, self.ctx.n_classes, self.cfg.downstream,
+                                    make_generator(seed, SERVER, RELEASE_EVAL, DOWNSTREAM))
+        tstr = client_metrics(y_test, predict_proba(tstr_model, x_test).argmax(1))
+        gen = make_generator(seed, SERVER, RELEASE_EVAL)
+        fidelity = fidelity_report(x_test, y_test, syn_x, syn_y, self.ctx.n_classes, cfg, gen)
+        audit = membership_audit(pooled("x_train"), x_test, syn_x, pooled("x_val"), cfg, gen)
+        return {"fidelity": {"tstr": tstr, **fidelity}, "audit": audit}
 
     def predict(self, client: ClientData, x: torch.Tensor) -> torch.Tensor:
         return predict_proba(self.downstream_models[client.id], x)
@@ -232,4 +262,5 @@ class Anonymizer(Method):
             "n_params": self.shared_parameters(),
             "synthesis": {"policy": self.cfg.synthesis.policy, "factor": self.cfg.synthesis.factor,
                           "per_class": self.cfg.synthesis.per_class},
+            **self.release_eval,
         }

@@ -10,6 +10,7 @@ from federated.clients import ClientData
 
 # Purpose tags for make_generator(seed, client, PURPOSE): independent streams per use.
 INIT, BATCHES, NOISE, LATENT, DOWNSTREAM, SYNTH = range(6)
+META, RELEASE_EVAL = 7, 8  # FedHypeVAE's meta-code fit; fidelity / audit sampling
 SERVER = 10_000  # the "client id" of server-side streams
 
 

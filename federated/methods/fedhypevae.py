@@ -26,12 +26,10 @@ from torch import nn
 from data.io import UserError
 from federated.clients import make_generator
 from federated.methods.anonymizer import Anonymizer, AnonymizerConfig
-from federated.methods.base import INIT, SERVER, SYNTH, RunContext
+from federated.methods.base import INIT, META, SERVER, RunContext
 from models import count_parameters
 from models.hypervae import HyperClient, HyperNetwork
 from models.init import init_linear_layers_
-
-META = 7  # make_generator purpose tag of the meta-code fit
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,115 @@
+"""How faithful synthetic embeddings are to real held-out ones: precision / recall / density / coverage
+(the `prdc` package, Naeem et al. 2020), unbiased Gaussian-kernel MMD^2 and the Frechet distance,
+overall and per class, plus a 2-D projection for plots.
+
+Pairwise-distance metrics are quadratic in the sample size, so each side is subsampled (seeded) to
+at most `max_samples` overall and `max_per_class` per class; the sizes used are reported.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from prdc import compute_prdc
+from scipy import linalg
+
+
+@dataclass(frozen=True)
+class ReleaseEvalConfig:
+    """Fidelity and membership-audit settings of an anonymizer run (federated.audit uses the last two)."""
+    enabled: bool = True
+    max_samples: int = 2000        # per side for the overall metrics and for members / non-members
+    max_per_class: int = 500
+    nearest_k: int = 5             # k of precision/recall/density/coverage
+    projection_per_class: int = 50  # points per class and side kept for the 2-D picture
+    density_dims: int = 16         # whitened PCA dimensions of the density-ratio attack
+
+
+def subsample(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """At most k of range(n), uniformly without replacement, in increasing order."""
+    if n <= k:
+        return torch.arange(n)
+    return torch.randperm(n, generator=gen)[:k].sort().values
+
+
+def median_bandwidth(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The median heuristic: the median pairwise distance of the pooled samples."""
+    pooled = torch.cat([x, y]).double()
+    d = torch.cdist(pooled, pooled)
+    return float(d[torch.triu_indices(len(pooled), len(pooled), 1).unbind()].median())
+
+
+def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> float:
+    """Unbiased MMD^2 with k(a, b) = exp(-|a - b|^2 / (2 h^2)) (Gretton et al. 2012, Eq. 3)."""
+    x, y = x.double(), y.double()
+    n, m = len(x), len(y)
+    if n < 2 or m < 2:
+        return float("nan")
+
+    def k(a, b):
+        return torch.exp(-torch.cdist(a, b).pow(2) / (2 * bandwidth ** 2))
+    kxx, kyy = k(x, x), k(y, y)
+    return float((kxx.sum() - kxx.trace()) / (n * (n - 1)) + (kyy.sum() - kyy.trace()) / (m * (m - 1))
+                 - 2 * k(x, y).mean())
+
+
+def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """|mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x S_y)^(1/2)) of the Gaussians fitted to x and y."""
+    a, b = x.double().numpy(), y.double().numpy()
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    root = linalg.sqrtm(s_a @ s_b)
+    root = root.real if np.iscomplexobj(root) else root  # round-off leaves tiny imaginary parts
+    diff = a.mean(0) - b.mean(0)
+    return float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(root))
+
+
+def prdc_metrics(real: torch.Tensor, fake: torch.Tensor, nearest_k: int) -> dict[str, float]:
+    if len(real) <= nearest_k or len(fake) <= nearest_k:
+        return {k: float("nan") for k in ("precision", "recall", "density", "coverage")}
+    with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the sample sizes
+        out = compute_prdc(real.float().numpy(), fake.float().numpy(), nearest_k)
+    return {k: float(v) for k, v in out.items()}
+
+
+def compare(real: torch.Tensor, fake: torch.Tensor, nearest_k: int) -> dict[str, float]:
+    """Every fidelity metric between two samples (CPU tensors)."""
+    h = median_bandwidth(real, fake)
+    return {**prdc_metrics(real, fake, nearest_k), "mmd2": mmd2_unbiased(real, fake, h), "mmd_bandwidth": h,
+            "frechet": frechet_distance(real, fake), "n_real": len(real), "n_synthetic": len(fake)}
+
+
+def projection(real: torch.Tensor, real_y: torch.Tensor, fake: torch.Tensor, fake_y: torch.Tensor,
+               per_class: int, gen: torch.Generator) -> dict:
+    """2-D PCA coordinates (axes fitted on the real sample) of up to per_class points per class and side."""
+    mean = real.double().mean(0)
+    _, _, v = torch.linalg.svd(real.double() - mean, full_matrices=False)
+    axes = v[:2].T
+
+    def keep(x, y):
+        idx = torch.cat([torch.nonzero(y == c).squeeze(1)[subsample(int((y == c).sum()), per_class, gen)]
+                         for c in torch.unique(y)]) if len(y) else torch.zeros(0, dtype=torch.long)
+        xy = ((x[idx].double() - mean) @ axes).numpy().round(4)
+        return {"xy": xy.tolist(), "y": y[idx].tolist()}
+    return {"real": keep(real, real_y), "synthetic": keep(fake, fake_y)}
+
+
+def fidelity_report(real: torch.Tensor, real_y: torch.Tensor, fake: torch.Tensor, fake_y: torch.Tensor,
+                    n_classes: int, cfg: ReleaseEvalConfig, gen: torch.Generator) -> dict:
+    """Overall and per-class metrics of synthetic (fake) against real held-out embeddings."""
+    real, real_y, fake, fake_y = real.cpu().float(), real_y.cpu(), fake.cpu().float(), fake_y.cpu()
+    r, f = subsample(len(real), cfg.max_samples, gen), subsample(len(fake), cfg.max_samples, gen)
+    per_class = []
+    for c in range(n_classes):
+        xr, xf = real[real_y == c], fake[fake_y == c]
+        if len(xr) == 0 or len(xf) == 0:
+            continue
+        xr = xr[subsample(len(xr), cfg.max_per_class, gen)]
+        xf = xf[subsample(len(xf), cfg.max_per_class, gen)]
+        per_class.append({"class": c, **compare(xr, xf, cfg.nearest_k)})
+    return {"overall": compare(real[r], fake[f], cfg.nearest_k), "per_class": per_class,
+            "projection": projection(real, real_y, fake, fake_y, cfg.projection_per_class, gen)}

@@ -1,0 +1,81 @@
+"""Fidelity metrics and the membership audit against hand-computed values and known extremes."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from federated.audit import attack_metrics, membership_audit
+from federated.fidelity import (ReleaseEvalConfig, fidelity_report, frechet_distance, mmd2_unbiased,
+                                prdc_metrics, subsample)
+
+
+def test_mmd2_unbiased_by_hand():
+    x, y = torch.tensor([[0.0], [1.0]]), torch.tensor([[0.0], [2.0]])
+    e = math.exp
+    expected = e(-0.5) + e(-2) - 2 * (1 + e(-2) + 2 * e(-0.5)) / 4
+    assert mmd2_unbiased(x, y, bandwidth=1.0) == pytest.approx(expected, abs=1e-12)
+
+
+def test_frechet_distance_by_hand():
+    x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0]])  # mean (1, 1), cov 4/3 I
+    y = 2 * x + 1                                                         # mean (3, 3), cov 16/3 I
+    # |mu_x - mu_y|^2 = 8; tr = 2 (4/3 + 16/3) - 2 * 2 * sqrt(64/9) = 8/3
+    assert frechet_distance(x, y) == pytest.approx(8 + 8 / 3, abs=1e-9)
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_prdc_extremes():
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(200, 8, generator=gen)
+    same = prdc_metrics(real, real.clone(), nearest_k=5)
+    assert same == pytest.approx({"precision": 1.0, "recall": 1.0, "density": 1.0, "coverage": 1.0})
+    far = prdc_metrics(real, real + 100.0, nearest_k=5)
+    assert far["precision"] == 0.0 and far["coverage"] == 0.0 and far["density"] == 0.0
+
+
+def test_fidelity_report_per_class_and_projection():
+    gen = torch.Generator().manual_seed(1)
+    y = torch.arange(3).repeat_interleave(60)
+    real = torch.randn(180, 6, generator=gen) + 5 * torch.nn.functional.one_hot(y, 6).float()
+    fake = torch.randn(180, 6, generator=gen) + 5 * torch.nn.functional.one_hot(y, 6).float()
+    shuffled = fake[torch.randperm(180, generator=gen)]  # right marginal, wrong class pairing
+    cfg = ReleaseEvalConfig(max_samples=100, max_per_class=40, projection_per_class=10)
+    good = fidelity_report(real, y, fake, y, 3, cfg, torch.Generator().manual_seed(2))
+    bad = fidelity_report(real, y, shuffled, y, 3, cfg, torch.Generator().manual_seed(2))
+    assert [c["class"] for c in good["per_class"]] == [0, 1, 2]
+    assert good["overall"]["n_real"] == 100 and good["per_class"][0]["n_real"] == 40
+    for metric in ("frechet", "mmd2"):
+        assert max(c[metric] for c in good["per_class"]) < min(c[metric] for c in bad["per_class"])
+    assert len(good["projection"]["real"]["xy"]) == 30 and len(good["projection"]["real"]["xy"][0]) == 2
+
+
+def test_attack_metrics_by_hand():
+    assert attack_metrics(np.array([3.0, 2.0]), np.array([1.0, 0.0])) == {"auc": 1.0, "tpr_at_0.01_fpr": 1.0}
+    # pairs (member > non-member): only 2 > 1 of four; at FPR 0 no member is above both non-members
+    assert attack_metrics(np.array([0.0, 2.0]), np.array([1.0, 3.0])) == {"auc": 0.25, "tpr_at_0.01_fpr": 0.0}
+
+
+def population(n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 32, generator=gen) @ torch.randn(32, 32, generator=torch.Generator().manual_seed(99))
+
+
+def test_audit_catches_a_copying_generator_and_not_an_independent_one():
+    members, non_members, reference = population(800, 1), population(800, 2), population(800, 3)
+    cfg = ReleaseEvalConfig(max_samples=800)
+    copied = membership_audit(members, non_members, members.clone(), reference, cfg, torch.Generator().manual_seed(0))
+    assert copied["dcr"]["auc"] == 1.0 and copied["dcr"]["tpr_at_0.01_fpr"] == 1.0
+    assert copied["density_ratio"]["auc"] > 0.95
+    fresh = membership_audit(members, non_members, population(3200, 4), reference, cfg, torch.Generator().manual_seed(0))
+    for attack in ("dcr", "density_ratio"):
+        assert abs(fresh[attack]["auc"] - 0.5) < 0.06, (attack, fresh[attack])
+
+
+def test_subsample_is_seeded_and_bounded():
+    a = subsample(100, 10, torch.Generator().manual_seed(5))
+    b = subsample(100, 10, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and len(a) == 10 and len(set(a.tolist())) == 10
+    assert torch.equal(subsample(4, 10, torch.Generator()), torch.arange(4))
