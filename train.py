@@ -19,7 +19,7 @@ import torch
 
 from data.database import load_database
 from data.io import UserError, atomic_write_json, package_versions, read_json, run_cli
-from data.partition import PARTITIONERS, SplitConfig
+from data.partition import PARTITIONERS, SplitConfig, run_tag
 from federated.clients import build_clients
 from federated.loop import RESULTS, RunInfo, run
 from federated.methods import METHODS
@@ -199,12 +199,6 @@ def build_config(cls: type, args: argparse.Namespace, prefix: str = "", default=
     return dataclasses.replace(default, **values)
 
 
-def default_tag(split: SplitConfig) -> str:
-    if split.kind == "dirichlet":
-        return f"dirichlet_a{split.alpha:g}_c{split.n_clients}"
-    return f"{split.kind}_c{split.n_clients}"
-
-
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -246,7 +240,7 @@ def main(args: argparse.Namespace) -> int:
                         test_frac=args.test_frac, val_frac=args.val_frac)
     method_cls = METHODS[method_name]
     method_cfg = build_config(method_cls.Config, args)
-    tag = args.tag or default_tag(split)
+    tag = args.tag or run_tag(split.kind, split.alpha, split.n_clients)
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())}
     settings = json.loads(json.dumps({k: v for k, v in flags.items() if k not in NOT_RESULT_FLAGS}))
     device = torch.device(args.device)

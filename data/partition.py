@@ -80,6 +80,11 @@ PARTITIONERS: dict[str, Callable[..., list[np.ndarray]]] = {
 }
 
 
+def run_tag(kind: str, alpha: float | None, n_clients: int) -> str:
+    """The default run-folder tag of a split (results/<dataset>/<method>/<tag>/seed=<s>/)."""
+    return f"dirichlet_a{alpha:g}_c{n_clients}" if kind == "dirichlet" else f"{kind}_c{n_clients}"
+
+
 def partition(labels: np.ndarray, groups: np.ndarray | None, cfg: SplitConfig) -> list[np.ndarray]:
     """Sample indices of each client: every sample in exactly one client; deterministic for a seed."""
     if cfg.kind not in PARTITIONERS:

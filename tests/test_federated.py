@@ -55,6 +55,11 @@ def test_every_method_runs_and_writes_the_results_contract(tiny_db, tmp_path, me
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == (2 if METHODS[method].federated else 0)
     assert not (run_dir / "checkpoint.pt").exists()
+    if "privacy" in res:  # anonymizers: fidelity of the synthetic data and the membership audit
+        fid, audit = res["fidelity"], res["audit"]
+        assert {"precision", "recall", "density", "coverage", "mmd2", "frechet"} <= set(fid["overall"])
+        assert 0 <= fid["tstr"]["bacc"] <= 1 and fid["per_class"] and fid["projection"]["synthetic"]["xy"]
+        assert {"dcr", "density_ratio"} <= set(audit) and 0 <= audit["dcr"]["auc"] <= 1
 
 
 def test_weighted_average_reference_numbers():
@@ -155,6 +160,12 @@ def test_finished_run_is_skipped_and_changed_settings_refused(tiny_db, tmp_path,
     assert "finished, skipped" in capsys.readouterr().out
     with pytest.raises(UserError, match="other settings .*local_lr"):
         run_train(tiny_db, tmp_path / "r", "--method", "fedavg", "--lr", "0.5")
+
+
+def test_flags_added_later_at_their_default_do_not_block_old_runs():
+    assert train.changed_settings({"a": 1}, {"a": 1, "b": 2}, {"b": 2}) == []
+    assert train.changed_settings({"a": 1}, {"a": 1, "b": 3}, {"b": 2}) == ["b"]
+    assert train.changed_settings({"a": 1, "b": 2}, {"a": 2, "b": 2}, {"b": 2}) == ["a"]
 
 
 def test_reference_aliases(tiny_db, tmp_path):

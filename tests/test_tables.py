@@ -6,16 +6,18 @@ import json
 import pytest
 
 from data.io import UserError
+from data.partition import run_tag
 from experiments import tables
 
 
-def write_result(root, method, seed, kind, accs, eps=None):
+def write_result(root, method, seed, kind, accs, eps=None, tag=None, extra=None):
+    alpha = 0.3 if kind == "dirichlet" else None
     res = {"method": method, "dataset": "organamnist", "seed": seed,
-           "split": {"kind": kind, "alpha": 0.3 if kind == "dirichlet" else None, "n_clients": len(accs)},
-           "clients": [{"id": i, "acc": a, "bacc": a / 2} for i, a in enumerate(accs)]}
+           "split": {"kind": kind, "alpha": alpha, "n_clients": len(accs)},
+           "clients": [{"id": i, "acc": a, "bacc": a / 2} for i, a in enumerate(accs)], **(extra or {})}
     if eps is not None:
         res["privacy"] = {"epsilon_spent_max": eps}
-    path = root / "organamnist" / method / kind / f"seed={seed}" / "results.json"
+    path = root / "organamnist" / method / (tag or run_tag(kind, alpha, len(accs))) / f"seed={seed}" / "results.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(res))
 
@@ -32,8 +34,29 @@ def test_table_cells_are_client_means_over_seeds(tmp_path):
     assert md[2] == "| FedAvg | 80.00 ± 10.00 | 40.00 ± 5.00 | – | – | no DP |"
     assert md[3] == "| DP-CVAE | – | – | 60.00 ± 10.00 | 30.00 ± 5.00 | 0.980 |"
     rows = out.with_suffix(".csv").read_text().splitlines()
-    fedavg_acc = [r for r in rows if r.startswith("fedavg,organamnist,IID,acc")][0].split(",")
-    assert fedavg_acc[4:10] == ["0.800000", "0.100000", "0.800000", "0.100000", "2", "1 2"]
+    fedavg_acc = [r for r in rows if r.startswith("fedavg,,organamnist,IID,acc")][0].split(",")
+    assert fedavg_acc[5:11] == ["0.800000", "0.100000", "0.800000", "0.100000", "2", "1 2"]
+    assert not out.with_name("t1_release.md").exists()  # no anonymizer run has fidelity results
+
+
+def test_tagged_runs_are_their_own_rows_and_release_table(tmp_path):
+    release = {"fidelity": {"tstr": {"bacc": 0.5}, "overall": {"precision": 0.2, "recall": 0.4, "density": 0.1,
+                                                               "coverage": 0.3, "frechet": 10.0, "mmd2": 0.01}},
+               "audit": {"dcr": {"auc": 0.5}, "density_ratio": {"auc": 0.52}}}
+    later = json.loads(json.dumps(release))
+    later["fidelity"]["tstr"]["bacc"], later["audit"]["dcr"]["auc"] = 0.7, 0.6
+    write_result(tmp_path, "dpcvae", 1, "dirichlet", [0.5, 0.7], eps=0.98, extra=release)
+    write_result(tmp_path, "dpcvae", 2, "dirichlet", [0.5, 0.7], eps=0.99, extra=later)
+    write_result(tmp_path, "dpcvae", 1, "dirichlet", [0.9, 0.9], eps=3.9, tag="eps4")
+    out = tmp_path / "t1"
+    tables.main(tables.get_args_parser().parse_args(["--results", str(tmp_path), "--out", str(out)]))
+    md = out.with_suffix(".md").read_text().splitlines()
+    assert md[2] == "| DP-CVAE | 60.00 ± 10.00 | 30.00 ± 5.00 | 0.990 |"
+    assert md[3] == "| DP-CVAE [eps4] | 90.00 ± 0.00 | 45.00 ± 0.00 | 3.900 |"
+    rel = out.with_name("t1_release.md").read_text().splitlines()
+    assert len(rel) == 3  # the tagged run has no fidelity block
+    assert rel[2].startswith("| DP-CVAE | organamnist | α = 0.3 | 60 ± 10 | 0.2 ± 0 | 0.4 ± 0 |")
+    assert "| 0.55 ± 0.05 | 0.52 ± 0 |" in rel[2]
 
 
 def test_no_results_is_a_clear_error(tmp_path):
@@ -46,7 +69,10 @@ def test_experiment_scripts_use_only_flags_train_py_knows():
     import subprocess
     from conftest import ROOT
     import train
-    known = {s for a in train.get_args_parser()._actions for s in a.option_strings}
+    from experiments import plots
+    parsers = [train.get_args_parser(), tables.get_args_parser(),
+               *plots.get_args_parser()._subparsers._group_actions[0].choices.values()]
+    known = {s for p in parsers for a in p._actions for s in a.option_strings}
     scripts = sorted((ROOT / "experiments").glob("*/*.sh"))
     assert {s.parent.name for s in scripts} >= {"organamnist", "organsmnist", "camelyon17", "isic"}
     for script in scripts:
@@ -55,3 +81,26 @@ def test_experiment_scripts_use_only_flags_train_py_knows():
         assert "set -euo pipefail" in text and "rm -rf" not in text
         flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", text))
         assert flags <= known, (script, flags - known)
+
+
+def test_plots_from_fixture_results(tmp_path):
+    from experiments import plots
+    proj = {"real": {"xy": [[0, 0], [1, 1], [2, 0]], "y": [0, 0, 1]}, "synthetic": {"xy": [[0, 1], [2, 2]], "y": [0, 1]}}
+    for eps, tag, auc in ((1.0, None, 0.5), (4.0, "eps4", 0.55), (None, "nodp", 0.9)):
+        extra = {"audit": {"dcr": {"auc": auc}, "density_ratio": {"auc": auc}}, "fidelity": {"projection": proj}}
+        write_result(tmp_path, "dpcvae", 1, "dirichlet", [0.5, 0.7], tag=tag, extra=extra)
+        res_path = next((tmp_path / "organamnist" / "dpcvae").glob(f"{tag or run_tag('dirichlet', 0.3, 2)}/seed=1/results.json"))
+        res = json.loads(res_path.read_text())
+        res["privacy"] = {"enabled": eps is not None, "target_epsilon": eps, "epsilon_spent_max": eps}
+        res_path.write_text(json.dumps(res))
+    write_result(tmp_path, "fedavg", 1, "iid", [0.6, 0.8])
+    assert set(plots.sweep_points(plots.filtered(tables.collect(tmp_path), "organamnist", "dirichlet"))["dpcvae"]) \
+        == {1.0, 4.0, float("inf")}
+    for argv in (["sweep", "--results", str(tmp_path), "--dataset", "organamnist", "--out", str(tmp_path / "s.png")],
+                 ["clients", "--results", str(tmp_path), "--dataset", "organamnist", "--out", str(tmp_path / "c.png")],
+                 ["projection", "--run", str(res_path.parent), "--out", str(tmp_path / "p.png")]):
+        assert plots.main(plots.get_args_parser().parse_args(argv)) == 0
+        assert (tmp_path / argv[-1].split("/")[-1]).read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(UserError, match="no results; available"):
+        plots.main(plots.get_args_parser().parse_args(["clients", "--results", str(tmp_path), "--dataset", "nope",
+                                                      "--out", str(tmp_path / "x.png")]))

@@ -20,3 +20,11 @@ for method in "${methods[@]}"; do
   done
 done
 "${PYTHON:-python}" experiments/tables.py --results "$OUT" --dataset organamnist --out "$OUT/tables/table1"
+"${PYTHON:-python}" experiments/plots.py clients --results "$OUT" --dataset organamnist --out "$OUT/figures/table1_clients.png"
+first_seed=${SEEDS%% *}
+for method in dpcvae dpcgan fedhypevae; do
+  for tag in iid_c10 dirichlet_a0.3_c10; do
+    "${PYTHON:-python}" experiments/plots.py projection --run "$OUT/organamnist/$method/$tag/seed=$first_seed" \
+      --out "$OUT/figures/projection_${method}_${tag}.png"
+  done
+done
