@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.io import UserError, read_json
+from data.io import UserError, atomic_save_npz, atomic_write_json, read_json
 
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
@@ -86,3 +86,24 @@ def load_database(path: Path) -> Database:
         groups=np.concatenate([parts[s]["groups"] for s in order]).astype(np.int64) if has_groups else None,
         source_split=np.concatenate([np.full(len(parts[s]["labels"]), SPLITS.index(s)) for s in order]),
     )
+
+
+def write_synthetic_database(path: Path, *, n: int, dim: int, n_classes: int, seed: int = 0,
+                             groups: int | None = None, spread: float = 1.0, dataset: str = "toy") -> Path:
+    """A database of class-clustered Gaussian embeddings in this format (tests, benchmarks):
+    half train, a quarter each val and test; class centres N(0, 3^2 I), noise N(0, spread^2 I)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 3, size=(n_classes, dim))
+    sizes = {"train": n // 2, "val": n // 4, "test": n - n // 2 - n // 4}
+    for split, m in sizes.items():
+        y = rng.integers(0, n_classes, size=m)
+        x = centers[y] + spread * rng.normal(size=(m, dim))
+        arrays = {"embeddings": x.astype(np.float32), "labels": y.astype(np.int64), "indices": np.arange(m)}
+        if groups:
+            arrays["groups"] = rng.integers(0, groups, size=m).astype(np.int64)
+        atomic_save_npz(Path(path) / f"{split}.npz", **arrays)
+    atomic_write_json(Path(path) / "manifest.json",
+                      {"format_version": FORMAT_VERSION, "complete": True, "dataset": dataset,
+                       "classes": [f"c{i}" for i in range(n_classes)], "embedding_dim": dim,
+                       "source": "synthetic class clusters (data.database.write_synthetic_database)"})
+    return Path(path)

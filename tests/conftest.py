@@ -15,25 +15,13 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 torch.set_num_threads(2)
 
+from data.database import write_synthetic_database  # noqa: E402
+
 
 def write_db(path: Path, *, n: int = 600, dim: int = 16, n_classes: int = 4, seed: int = 0,
              groups: int | None = None, spread: float = 1.0) -> Path:
     """A database in the on-disk format of data/database.py: class-clustered embeddings."""
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(0, 3, size=(n_classes, dim))
-    path.mkdir(parents=True, exist_ok=True)
-    sizes = {"train": n // 2, "val": n // 4, "test": n - n // 2 - n // 4}
-    for split, m in sizes.items():
-        y = rng.integers(0, n_classes, size=m)
-        x = centers[y] + spread * rng.normal(size=(m, dim))
-        arrays = {"embeddings": x.astype(np.float32), "labels": y.astype(np.int64), "indices": np.arange(m)}
-        if groups:
-            arrays["groups"] = rng.integers(0, groups, size=m).astype(np.int64)
-        np.savez(path / f"{split}.npz", **arrays)
-    manifest = {"format_version": 1, "complete": True, "dataset": "toy",
-                "classes": [f"c{i}" for i in range(n_classes)], "embedding_dim": dim}
-    (path / "manifest.json").write_text(json.dumps(manifest))
-    return path
+    return write_synthetic_database(path, n=n, dim=dim, n_classes=n_classes, seed=seed, groups=groups, spread=spread)
 
 
 @pytest.fixture

@@ -1,0 +1,189 @@
+"""Speed of every method's whole run (rounds, downstream training, evaluation) against a FLOP lower bound.
+
+    python benchmarks/round_loop.py                    # OrganSMNIST-sized workload, every method, 50 rounds
+    python benchmarks/round_loop.py --rounds 5         # shorter (per-round figures extrapolate)
+    python benchmarks/round_loop.py --real             # the embedded OrganAMNIST database instead
+    python benchmarks/round_loop.py --scaling --methods fedavg dpcvae --rounds 2
+
+Default workload: the papers' settings on 25,211 samples of 768-d embeddings (ViT-B size) in 11
+Gaussian class clusters (timing does not depend on the content), 10 clients, Dirichlet alpha = 0.3,
+5 local epochs per round, epsilon = 1: each method's default config, as train.py uses it.
+
+Each method runs in its own process (so peak RSS is its own), with a fresh results folder. Printed
+per method: wall-clock seconds, peak RSS, records processed per second, the FLOP lower bound and the
+ratio wall / bound. The bound is the method's matrix-multiply FLOPs (torch's FlopCounterMode over one
+round and over the final phase -- downstream training, synthesis, fidelity and audit --, so
+rounds x round FLOPs + final FLOPs) divided by the FLOP/s this machine reaches on a large float32
+matmul, measured in the same process with the same threads. Element-wise work is not counted, so the
+bound is optimistic: a ratio near 1 is unreachable for small models.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from data.database import load_database, write_synthetic_database  # noqa: E402
+from data.io import UserError, run_cli  # noqa: E402
+from data.partition import SplitConfig  # noqa: E402
+from federated.clients import build_clients  # noqa: E402
+from federated.loop import RunInfo, run  # noqa: E402
+from federated.methods import METHODS  # noqa: E402
+from federated.methods.base import RunContext  # noqa: E402
+
+REAL_DB = ROOT / "assets" / "organamnist_vits14_224"
+SEED = 3407
+
+
+def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - tic)
+    return 2 * n ** 3 / best
+
+
+def new_method(name: str, db, split: SplitConfig, rounds: int):
+    clients = build_clients(db, split, SEED, torch.device("cpu"))
+    ctx = RunContext(clients=clients, n_classes=len(db.classes), dim=db.dim, seed=SEED, rounds=rounds,
+                     device=torch.device("cpu"))
+    cls = METHODS[name]
+    return cls(ctx, cls.Config())
+
+
+def epochs_per_round(cfg) -> int:
+    for path in (("gen", "local_epochs"), ("local", "epochs")):
+        obj = cfg
+        for key in path:
+            obj = getattr(obj, key, None)
+        if obj is not None:
+            return int(obj)
+    return 0
+
+
+def measure(name: str, db_path: Path, n_clients: int, rounds: int, threads: int) -> dict:
+    """One method, in this process: a timed run, then FLOPs of one round and of the final phase."""
+    torch.set_num_threads(threads)
+    peak = matmul_flops_per_s()
+    db = load_database(db_path)
+    split = SplitConfig(kind="dirichlet", n_clients=n_clients, alpha=0.3)
+    method = new_method(name, db, split, rounds)
+    n_train = sum(c.n_train for c in method.ctx.clients)
+    with tempfile.TemporaryDirectory() as tmp:
+        tic = time.perf_counter()
+        results = run(method, RunInfo(name, "bench", SEED, {}), Path(tmp), progress=False)
+        wall = time.perf_counter() - tic
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    counted = new_method(name, db, split, rounds)
+    round_flops = 0
+    if counted.federated:
+        with FlopCounterMode(display=False) as fc:
+            counted.run_round(0)
+        round_flops = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        counted.finish()
+    flops = (rounds if counted.federated else 0) * round_flops + fc.get_total_flops()
+    records = (rounds * epochs_per_round(method.cfg) if method.federated else 0) * n_train
+    return {"method": name, "wall_s": wall, "peak_rss_gb": rss_gb, "records_per_s": records / wall if records else None,
+            "flops": flops, "round_flops": round_flops, "matmul_flops_per_s": peak, "bound_s": flops / peak,
+            "ratio": wall / (flops / peak), "n_train": n_train, "n_clients": n_clients, "rounds": rounds,
+            "dim": db.dim, "threads": threads, "bacc_mean": results["summary"]["bacc_mean"]}
+
+
+def run_child(name: str, db_path: Path, n_clients: int, rounds: int, threads: int) -> dict:
+    """measure() in a fresh process, so that each method's peak RSS is its own."""
+    cmd = [sys.executable, __file__, "--child", name, "--db", str(db_path), "--clients", str(n_clients),
+           "--rounds", str(rounds), "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"benchmark of {name} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    print(f"\n{title}")
+    print("| method | clients | train records | rounds | wall (s) | s/round | peak RSS (GB) | records/s | "
+          "GFLOP | bound (s) | wall / bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        per_round = f"{r['wall_s'] / r['rounds']:.2f}" if r["round_flops"] else "–"
+        rps = f"{r['records_per_s']:,.0f}" if r["records_per_s"] else "–"
+        print(f"| {r['method']} | {r['n_clients']} | {r['n_train']:,} | {r['rounds']} | {r['wall_s']:.1f} | {per_round} | "
+              f"{r['peak_rss_gb']:.2f} | {rps} | {r['flops'] / 1e9:,.1f} | {r['bound_s']:.1f} | {r['ratio']:.1f} |")
+    if rows:
+        print(f"(float32 matmul peak in the same processes: {rows[0]['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
+              f"with {rows[0]['threads']} thread(s); dim {rows[0]['dim']})")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Whole-run speed of every method against a FLOP lower bound.")
+    p.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS), help="methods to time")
+    p.add_argument("--rounds", type=int, default=50, help="communication rounds (the papers: 50)")
+    p.add_argument("--clients", type=int, default=10, help="number of clients")
+    p.add_argument("--samples", type=int, default=25_211, help="records of the synthetic workload (OrganSMNIST: 25,211)")
+    p.add_argument("--dim", type=int, default=768, help="embedding dimension of the synthetic workload (ViT-B: 768)")
+    p.add_argument("--classes", type=int, default=11, help="classes of the synthetic workload")
+    p.add_argument("--real", action="store_true", help=f"use the embedded OrganAMNIST database ({REAL_DB.name})")
+    p.add_argument("--scaling", action="store_true",
+                   help="scaling run: clients 10 -> 100 and samples x1 -> x4 on the synthetic workload")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    p.add_argument("--json", type=Path, default=None, help="also write every row to this JSON file")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--db", type=Path, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.rounds < 1 or args.clients < 1:
+        raise UserError("--rounds and --clients must be >= 1")
+    if args.child:
+        print(json.dumps(measure(args.child, args.db, args.clients, args.rounds, args.threads)))
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        def synthetic(factor: int) -> Path:
+            path = Path(tmp) / f"x{factor}"
+            if not path.exists():
+                write_synthetic_database(path, n=args.samples * factor, dim=args.dim, n_classes=args.classes,
+                                         seed=0, spread=3.0, dataset="bench")
+            return path
+        if args.scaling:
+            for clients, factor in ((10, 1), (30, 1), (100, 1), (10, 2), (10, 4)):
+                for name in args.methods:
+                    rows.append({**run_child(name, synthetic(factor), clients, args.rounds, args.threads),
+                                 "samples_factor": factor})
+                    print(f"  {name}: clients {clients}, samples x{factor}: {rows[-1]['wall_s']:.1f} s", flush=True)
+            title = f"Scaling ({args.samples:,} x factor records of {args.dim}-d, {args.rounds} rounds)"
+        else:
+            if args.real and not REAL_DB.exists():
+                raise UserError(f"--real: {REAL_DB} is missing (a clone of this repository has it)")
+            db = REAL_DB if args.real else synthetic(1)
+            for name in args.methods:
+                rows.append(run_child(name, db, args.clients, args.rounds, args.threads))
+                print(f"  {name}: {rows[-1]['wall_s']:.1f} s", flush=True)
+            title = ("Embedded OrganAMNIST database" if args.real else
+                     f"Synthetic workload: {args.samples:,} records, {args.dim}-d, {args.classes} classes") + \
+                f", {args.clients} clients, alpha 0.3, {args.rounds} rounds"
+    print_table(rows, title)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))
