@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from prdc import compute_prdc
-from scipy import linalg
 
 
 @dataclass(frozen=True)
@@ -56,16 +55,23 @@ def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> float:
                  - 2 * k(x, y).mean())
 
 
+def psd_sqrt(s: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(w.clip(min=0))) @ v.T
+
+
 def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
-    """|mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x S_y)^(1/2)) of the Gaussians fitted to x and y."""
+    """|mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x S_y)^(1/2)) of the Gaussians fitted to x and y.
+    tr (S_x S_y)^(1/2) = sum of sqrt(eig(S_x^1/2 S_y S_x^1/2)): a symmetric eigenproblem, ~10x
+    faster than a general matrix square root (scipy.linalg.sqrtm) and free of its complex round-off."""
     a, b = x.double().numpy(), y.double().numpy()
     if len(a) < 2 or len(b) < 2:
         return float("nan")
     s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    root = linalg.sqrtm(s_a @ s_b)
-    root = root.real if np.iscomplexobj(root) else root  # round-off leaves tiny imaginary parts
+    root_a = psd_sqrt(s_a)
+    cross = np.sqrt(np.linalg.eigvalsh(root_a @ s_b @ root_a).clip(min=0)).sum()
     diff = a.mean(0) - b.mean(0)
-    return float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(root))
+    return float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * cross)
 
 
 def prdc_metrics(real: torch.Tensor, fake: torch.Tensor, nearest_k: int) -> dict[str, float]:

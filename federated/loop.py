@@ -7,18 +7,58 @@ its last completed round and ends with the same results as an uninterrupted run.
 from __future__ import annotations
 
 import json
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from data.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from data.io import UserError, atomic_torch_save, atomic_write_json, atomic_write_text
 from federated.evaluation import client_metrics, summarize
 from federated.methods.base import Method
 
-RESULTS, METRICS, CHECKPOINT = "results.json", "metrics.jsonl", "checkpoint.pt"
+RESULTS, METRICS, CHECKPOINT, LOCK = "results.json", "metrics.jsonl", "checkpoint.pt", "run.lock"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """One process per run folder: a second one (e.g. the same grid script started twice) is refused
+    instead of both writing the same checkpoint; a lock left by a killed process is taken over."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and pid_alive(owner):
+                raise UserError(f"{run_dir}: in use by process {owner} (another train.py on the same run); "
+                                f"wait for it, or delete {lock} if that process is not ours") from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -36,6 +76,13 @@ def run(method: Method, info: RunInfo, run_dir: Path, *, progress: bool = True,
     stop_after: return after that many completed rounds, as a kill would (tests)."""
     run_dir = Path(run_dir)
     if (run_dir / RESULTS).exists():
+        return json.loads((run_dir / RESULTS).read_text())
+    with run_lock(run_dir):
+        return run_locked(method, info, run_dir, progress=progress, stop_after=stop_after)
+
+
+def run_locked(method: Method, info: RunInfo, run_dir: Path, *, progress: bool, stop_after: int | None) -> dict:
+    if (run_dir / RESULTS).exists():  # finished by the previous lock holder
         return json.loads((run_dir / RESULTS).read_text())
     rounds = method.ctx.rounds if method.federated else 0
     start, history, wall = 0, [], 0.0

@@ -222,3 +222,26 @@ def test_unknown_method_lists_the_valid_ones(tiny_db):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice: 'fedsgd'" in proc.stderr
     assert all(name in proc.stderr for name in METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_flag_defaults_are_the_method_config_defaults(method):
+    """train.py's defaults and each method's Config() agree (benchmarks and library users rely on it)."""
+    args = train.get_args_parser().parse_args(["--db", "x", "--method", method])
+    assert train.build_config(METHODS[method].Config, args) == METHODS[method].Config()
+
+
+def test_a_run_folder_is_used_by_one_process_at_a_time(tiny_db, tmp_path):
+    from federated.loop import LOCK
+    run_dir = tmp_path / "r" / "toy" / "fedavg" / "dirichlet_a0.3_c3" / "seed=1"
+    run_dir.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / LOCK).write_text(str(sleeper.pid))
+        with pytest.raises(UserError, match=f"in use by process {sleeper.pid}"):
+            run_train(tiny_db, tmp_path / "r", "--method", "fedavg")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    run_train(tiny_db, tmp_path / "r", "--method", "fedavg")  # the lock's process is gone: taken over
+    assert (run_dir / "results.json").exists() and not (run_dir / LOCK).exists()

@@ -79,3 +79,14 @@ def test_subsample_is_seeded_and_bounded():
     b = subsample(100, 10, torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and len(a) == 10 and len(set(a.tolist())) == 10
     assert torch.equal(subsample(4, 10, torch.Generator()), torch.arange(4))
+
+
+def test_frechet_distance_equals_the_matrix_square_root_formula():
+    from scipy import linalg
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 12, generator=gen, dtype=torch.float64)
+    y = torch.randn(200, 12, generator=gen, dtype=torch.float64) @ torch.randn(12, 12, generator=gen, dtype=torch.float64) + 1
+    s_x, s_y = np.cov(x.numpy(), rowvar=False), np.cov(y.numpy(), rowvar=False)
+    reference = (np.sum((x.numpy().mean(0) - y.numpy().mean(0)) ** 2) + np.trace(s_x) + np.trace(s_y)
+                 - 2 * np.trace(linalg.sqrtm(s_x @ s_y).real))
+    assert frechet_distance(x, y) == pytest.approx(reference, rel=1e-8)
