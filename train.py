@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data.database import load_database
 from data.io import UserError, atomic_write_json, package_versions, read_json, run_cli
@@ -29,7 +30,7 @@ from federated.training import OPTIMIZERS
 ALGORITHM_ALIASES = {"normal": "fedavg", "fedprox": "fedprox"}          # the reference's --algorithm
 ANONYMIZER_ALIASES = {"cvae_fedavg": "dpcvae", "cgan_fedavg": "dpcgan"}  # the reference's --anonymizer
 # Flags that do not change a run's results (they may differ when a run is resumed).
-NOT_RESULT_FLAGS = {"seeds", "out", "progress", "threads", "method", "algorithm", "anonymizer"}
+NOT_RESULT_FLAGS = {"seeds", "out", "progress", "threads", "method", "algorithm", "anonymizer", "dataset_name"}
 
 
 def floats(text: str) -> list[float]:
@@ -246,7 +247,7 @@ def main(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     defaults = {a.dest: a.default for a in get_args_parser()._actions}
     summaries = []
-    for seed in args.seeds:
+    for seed in tqdm(args.seeds, desc=f"{method_name} seeds", disable=not args.progress or len(args.seeds) < 2):
         run_dir = args.out / dataset / method_name / tag / f"seed={seed}"
         config = {"method": method_name, "seed": seed, "settings": settings, "flags": flags,
                   "method_config": dataclasses.asdict(method_cfg), "split": dataclasses.asdict(split),

@@ -107,23 +107,26 @@ def plot_sweep(groups: dict, out: Path) -> None:
 
 def plot_clients(groups: dict, out: Path) -> None:
     splits = sorted({s for _, s, _, _ in groups}, key=lambda s: (s != "IID", s))
+    rows = sorted({(m, t) for _, _, m, t in groups},
+                  key=lambda mt: (METHOD_ORDER.index(mt[0]) if mt[0] in METHOD_ORDER else 99, mt))
+    colours = {row: plt.cm.tab10(j % 10) for j, row in enumerate(rows)}  # one colour per method in every panel
+    width = 0.8 / max(len(rows), 1)
     fig, axes = plt.subplots(len(splits), 1, figsize=(12, 3.6 * len(splits)), squeeze=False)
     for ax, split in zip(axes[:, 0], splits):
-        rows = sorted({(m, t) for _, s, m, t in groups if s == split},
-                      key=lambda mt: (METHOD_ORDER.index(mt[0]) if mt[0] in METHOD_ORDER else 99, mt))
-        width = 0.8 / max(len(rows), 1)
         for j, (method, tag) in enumerate(rows):
             runs = [r for (_, s, m, t), rs in groups.items() if (s, m, t) == (split, method, tag) for r in rs]
+            if not runs:
+                continue
             per_client = defaultdict(list)
             for res in runs:
                 for c in res["clients"]:
                     per_client[c["id"]].append(100 * c["bacc"])
             ids = sorted(per_client)
             ax.bar(np.array(ids) + (j - (len(rows) - 1) / 2) * width, [np.mean(per_client[i]) for i in ids],
-                   width, label=row_name(method, tag))
+                   width, label=row_name(method, tag), color=colours[method, tag])
         ax.set_title(split)
         ax.set_xlabel("client")
-        ax.set_ylabel("BACC (%)")
+        ax.set_ylabel("BACC (%), mean over seeds")
         ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     save(fig, out)

@@ -73,8 +73,9 @@ def test_experiment_scripts_use_only_flags_train_py_knows():
     parsers = [train.get_args_parser(), tables.get_args_parser(),
                *plots.get_args_parser()._subparsers._group_actions[0].choices.values()]
     known = {s for p in parsers for a in p._actions for s in a.option_strings}
-    scripts = sorted((ROOT / "experiments").glob("*/*.sh"))
+    scripts = sorted((ROOT / "experiments").glob("*/*.sh")) + sorted((ROOT / "experiments").glob("*.sh"))
     assert {s.parent.name for s in scripts} >= {"organamnist", "organsmnist", "camelyon17", "isic"}
+    assert all((ROOT / "experiments" / d / "table1.sh").exists() for d in ("organamnist", "organsmnist", "camelyon17", "isic"))
     for script in scripts:
         text = script.read_text()
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
