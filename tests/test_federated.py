@@ -245,3 +245,19 @@ def test_a_run_folder_is_used_by_one_process_at_a_time(tiny_db, tmp_path):
         sleeper.wait()
     run_train(tiny_db, tmp_path / "r", "--method", "fedavg")  # the lock's process is gone: taken over
     assert (run_dir / "results.json").exists() and not (run_dir / LOCK).exists()
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_batched_classifiers_equal_training_each_alone(optimizer):
+    """fit_classifiers (one batched step for all clients) against train_epochs per client (the reference)."""
+    from federated.training import OptimConfig, fit_classifiers, new_classifier, train_epochs
+    cfg = OptimConfig(optimizer=optimizer, lr=0.05, momentum=0.5, weight_decay=1e-3, batch_size=16, epochs=4)
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(n, 8, generator=gen), torch.randint(0, 3, (n,), generator=gen)) for n in (70, 13, 40)]
+    batched = fit_classifiers(data, 3, cfg, [torch.Generator().manual_seed(10 + k) for k in range(3)])
+    for k, (x, y) in enumerate(data):
+        g = torch.Generator().manual_seed(10 + k)
+        alone = new_classifier(8, 3, g, x.device)
+        train_epochs(alone, x, y, cfg, g)
+        torch.testing.assert_close(batched[k].weight, alone.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(batched[k].bias, alone.bias, rtol=1e-5, atol=1e-6)

@@ -17,7 +17,7 @@ from data.io import UserError
 from federated.clients import ClientData, make_generator
 from federated.methods.base import DOWNSTREAM, RunContext
 from federated.methods.fedavg import FedAvg, FedAvgConfig
-from federated.training import OptimConfig, downstream_default, fit_classifier, predict_proba
+from federated.training import OptimConfig, downstream_default, fit_classifiers, predict_proba
 
 LOCAL_MODELS = ("knn", "linear")
 
@@ -68,11 +68,12 @@ class FedLambda(FedAvg):
         lams = torch.tensor(self.cfg.lambda_grid)
         # val_acc[client, k, lambda]
         val_acc = torch.zeros(len(self.ctx.clients), len(ks), len(lams))
+        if self.cfg.local_model == "linear":
+            clients = self.ctx.clients
+            models = fit_classifiers([(c.x_train, c.y_train) for c in clients], self.ctx.n_classes, self.cfg.downstream,
+                                     [make_generator(self.ctx.seed, c.id, DOWNSTREAM) for c in clients])
+            self.local_models = {c.id: m for c, m in zip(clients, models)}
         for client in self.ctx.clients:
-            if self.cfg.local_model == "linear":
-                self.local_models[client.id] = fit_classifier(
-                    client.x_train, client.y_train, self.ctx.n_classes, self.cfg.downstream,
-                    make_generator(self.ctx.seed, client.id, DOWNSTREAM))
             p_global = predict_proba(self.model, client.x_val)
             for j, k in enumerate(ks):
                 p_local = self.local_proba(client, client.x_val, k)
