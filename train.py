@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import json
 import subprocess
-import sys
 import typing
 from pathlib import Path
 

@@ -15,7 +15,7 @@ import contextlib
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data.backbones import DEFAULT_BACKBONE, BackboneConfig, create_backbone, prepare_batch  # noqa: E402
-from data.database import FORMAT_VERSION, SPLITS  # noqa: E402
+from data.database import FORMAT_VERSION  # noqa: E402
 from data.datasets import DatasetConfig, load_dataset, registry  # noqa: E402
 from data.io import (UserError, atomic_save_npz, atomic_write_json, package_versions,  # noqa: E402
                      read_json, run_cli, sha256_file)

@@ -73,41 +73,65 @@ def fit_classifier(x: torch.Tensor, y: torch.Tensor, n_classes: int, cfg: OptimC
 
 def fit_classifiers(datasets: list[tuple[torch.Tensor, torch.Tensor]], n_classes: int, cfg: OptimConfig,
                     gens: list[torch.Generator]) -> list[LinearClassifier]:
-    """One linear classifier per (x, y), trained as train_epochs would train each alone -- its own
-    generator for the initialisation and every epoch's shuffle, a step only when it has a batch --
-    but with one batched forward/backward and one multi-tensor optimiser step for all models per
-    iteration: small models are dominated by per-step overhead, so K clients cost about one.
-    (Optimisers skip parameters without a gradient, which is how a model with no batch sits out.)"""
+    """One new linear classifier per (x, y), initialised from and shuffled by its own generator."""
     models = [new_classifier(x.shape[1], n_classes, g, x.device) for (x, _), g in zip(datasets, gens)]
+    train_classifiers(models, datasets, cfg, gens)
+    return models
+
+
+StackedPenalty = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+def train_classifiers(models: list[nn.Linear], datasets: list[tuple[torch.Tensor, torch.Tensor]], cfg: OptimConfig,
+                      gens: list[torch.Generator], *, penalty: StackedPenalty | None = None) -> list[float]:
+    """Trains each linear model on its own (x, y) exactly as train_epochs would train it alone (its
+    generator shuffles every epoch; it steps only when it has a batch; a fresh optimiser), but with
+    one batched forward/backward for all models per iteration: small models are dominated by
+    per-step overhead, so K clients cost about one. The cross-entropy gradient is closed-form;
+    penalty({"weight": (A, C, D), "bias": (A, C)}) -> (A,) adds a term per model, differentiated by
+    autograd (e.g. FedProx's proximal term). Returns each model's mean step loss (with its penalty)."""
     optimizer = make_optimizer([p for m in models for p in m.parameters()], cfg, foreach=False)
     x_all = torch.cat([x for x, _ in datasets])
     y_all = torch.cat([y for _, y in datasets])
     sizes = [len(y) for _, y in datasets]
     offsets = torch.tensor([0, *sizes[:-1]]).cumsum(0).tolist()
+    totals, steps = torch.zeros(len(models), dtype=torch.float64), torch.zeros(len(models))
     for m in models:
         m.train()
     for _ in range(cfg.epochs):
         epoch = [[b + off for b in shuffled_batches(n, cfg.batch_size or n, g)] if n else []
                  for n, off, g in zip(sizes, offsets, gens)]
-        for t in range(max(map(len, epoch))):
+        for t in range(max(map(len, epoch), default=0)):
             active = [k for k, batches in enumerate(epoch) if t < len(batches)]
             rows = [epoch[k][t] for k in active]
             width = max(map(len, rows))
             idx = torch.stack([F.pad(r, (0, width - len(r))) for r in rows]).to(x_all.device)
             valid = (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).to(x_all)
-            with torch.no_grad():  # closed-form cross-entropy gradient: no autograd graph per step
-                weight = torch.stack([models[k].weight for k in active])
-                bias = torch.stack([models[k].bias for k in active])
-                x = x_all[idx]
-                probs = torch.softmax(torch.baddbmm(bias[:, None], x, weight.transpose(1, 2)), -1)
-                probs[torch.arange(len(active))[:, None], torch.arange(width)[None], y_all[idx]] -= 1
-                g = probs * (valid / valid.sum(1, keepdim=True))[..., None]  # d(batch-mean CE)/d logits
-                grad_w, grad_b = torch.bmm(g.transpose(1, 2), x), g.sum(1)
+            valid = valid / valid.sum(1, keepdim=True)  # each model's own batch mean
+            params = {"weight": torch.stack([models[k].weight.detach() for k in active]),
+                      "bias": torch.stack([models[k].bias.detach() for k in active])}
+            with torch.no_grad():
+                x, y = x_all[idx], y_all[idx]
+                logp = torch.log_softmax(torch.baddbmm(params["bias"][:, None], x, params["weight"].transpose(1, 2)), -1)
+                picked = (torch.arange(len(active))[:, None], torch.arange(width)[None], y)
+                loss = -(logp[picked] * valid).sum(1)
+                g = logp.exp()
+                g[picked] -= 1
+                g *= valid[..., None]
+                grads = {"weight": torch.bmm(g.transpose(1, 2), x), "bias": g.sum(1)}
+            if penalty is not None:
+                leaves = {n: t.requires_grad_() for n, t in params.items()}
+                value = penalty(leaves)
+                extra = torch.autograd.grad(value.sum(), list(leaves.values()))
+                grads = {n: grads[n] + e for n, e in zip(leaves, extra)}
+                loss = loss + value.detach()
             optimizer.zero_grad(set_to_none=True)
             for j, k in enumerate(active):
-                models[k].weight.grad, models[k].bias.grad = grad_w[j], grad_b[j]
+                models[k].weight.grad, models[k].bias.grad = grads["weight"][j], grads["bias"][j]
             optimizer.step()
-    return models
+            totals[active] += loss.double().cpu()
+            steps[active] += 1
+    return (totals / steps.clamp(min=1)).tolist()
 
 
 @torch.no_grad()

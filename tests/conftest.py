@@ -2,7 +2,6 @@
 and a random-init timm backbone. Everything runs on CPU in seconds."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 

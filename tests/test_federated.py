@@ -247,17 +247,28 @@ def test_a_run_folder_is_used_by_one_process_at_a_time(tiny_db, tmp_path):
     assert (run_dir / "results.json").exists() and not (run_dir / LOCK).exists()
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_batched_classifiers_equal_training_each_alone(optimizer):
-    """fit_classifiers (one batched step for all clients) against train_epochs per client (the reference)."""
-    from federated.training import OptimConfig, fit_classifiers, new_classifier, train_epochs
+@pytest.mark.parametrize("optimizer,mu", [("adam", 0.0), ("sgd", 0.0), ("sgd", 0.5)])
+def test_batched_classifiers_equal_training_each_alone(optimizer, mu):
+    """train_classifiers (one batched step for all clients, the FedAvg/FedProx local training and every
+    downstream classifier) against train_epochs per client, the straightforward reference."""
+    from federated.training import OptimConfig, new_classifier, train_classifiers, train_epochs
     cfg = OptimConfig(optimizer=optimizer, lr=0.05, momentum=0.5, weight_decay=1e-3, batch_size=16, epochs=4)
     gen = torch.Generator().manual_seed(0)
     data = [(torch.randn(n, 8, generator=gen), torch.randint(0, 3, (n,), generator=gen)) for n in (70, 13, 40)]
-    batched = fit_classifiers(data, 3, cfg, [torch.Generator().manual_seed(10 + k) for k in range(3)])
+    anchor = new_classifier(8, 3, torch.Generator().manual_seed(1), torch.device("cpu"))
+    target = {k: v.detach().clone() for k, v in anchor.state_dict().items()}
+
+    def stacked(params):
+        return 0.5 * mu * sum((p - target[k]).pow(2).flatten(1).sum(1) for k, p in params.items())
+
+    def single(model):
+        return 0.5 * mu * sum((p - target[k]).pow(2).sum() for k, p in model.named_parameters())
+    batched = [new_classifier(8, 3, torch.Generator().manual_seed(10 + k), torch.device("cpu")) for k in range(3)]
+    losses = train_classifiers(batched, data, cfg, [torch.Generator().manual_seed(20 + k) for k in range(3)],
+                               penalty=stacked if mu else None)
     for k, (x, y) in enumerate(data):
-        g = torch.Generator().manual_seed(10 + k)
-        alone = new_classifier(8, 3, g, x.device)
-        train_epochs(alone, x, y, cfg, g)
+        alone = new_classifier(8, 3, torch.Generator().manual_seed(10 + k), x.device)
+        loss = train_epochs(alone, x, y, cfg, torch.Generator().manual_seed(20 + k), penalty=single if mu else None)
         torch.testing.assert_close(batched[k].weight, alone.weight, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(batched[k].bias, alone.bias, rtol=1e-5, atol=1e-6)
+        assert losses[k] == pytest.approx(loss, rel=1e-5)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
-from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 
-from conftest import write_db
 from federated.privacy import (PrivacyConfig, add_noise, calibrate_noise, clip_and_sum, clipped_grad_sum,
                                epsilon_of, per_sample_grads_vmap)
 from models.cvae import CVAE

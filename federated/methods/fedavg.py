@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
-from torch import nn
 
 from federated.clients import ClientData, make_generator
 from federated.evaluation import client_metrics
 from federated.methods.base import BATCHES, INIT, SERVER, Method, RunContext
-from federated.training import OptimConfig, make_optimizer, new_classifier, predict_proba, train_epochs
+from federated.training import OptimConfig, StackedPenalty, new_classifier, predict_proba, train_classifiers
 
 
 def weighted_average(states: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -34,29 +32,26 @@ class FedAvg(Method):
         self.gens = [make_generator(ctx.seed, c.id, BATCHES) for c in ctx.clients]
 
     # --- hooks -------------------------------------------------------------------------------
-    def local_penalty(self, global_state: dict[str, torch.Tensor]) -> Callable[[nn.Module], torch.Tensor] | None:
-        """An extra term of the local objective (FedProx's proximal term); none for FedAvg."""
+    def local_penalty(self, global_state: dict[str, torch.Tensor]) -> StackedPenalty | None:
+        """An extra term of the local objective (FedProx's proximal term); none for FedAvg. It maps the
+        stacked parameters of the clients training at a step, {"weight": (A, C, D), "bias": (A, C)},
+        to one value per client (A,)."""
         return None
 
     def aggregate(self, payloads: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return weighted_average(payloads, self.ctx.weights)
 
     # --- round -------------------------------------------------------------------------------
-    def local_update(self, client: ClientData, global_state: dict[str, torch.Tensor]) -> tuple[dict, float]:
-        local = copy.deepcopy(self.model)
-        # a fresh optimiser each round: momentum is client state that FedAvg does not carry over
-        loss = train_epochs(local, client.x_train, client.y_train, self.cfg.local, self.gens[client.id],
-                            optimizer=make_optimizer(local.parameters(), self.cfg.local),
-                            penalty=self.local_penalty(global_state))
-        return {k: v.detach() for k, v in local.state_dict().items()}, loss
-
     def run_round(self, rnd: int) -> dict:
         global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        payloads, losses = [], []
-        for client in self.ctx.clients:
-            state, loss = self.local_update(client, global_state)
-            payloads.append(self.ctx.uplink.send(client.id, state))
-            losses.append(loss)
+        clients = self.ctx.clients
+        local_models = [copy.deepcopy(self.model) for _ in clients]
+        # all clients' local epochs in one batched loop (each exactly as alone, a fresh optimiser each
+        # round: momentum is client state that FedAvg does not carry over)
+        losses = train_classifiers(local_models, [(c.x_train, c.y_train) for c in clients], self.cfg.local,
+                                   [self.gens[c.id] for c in clients], penalty=self.local_penalty(global_state))
+        payloads = [self.ctx.uplink.send(c.id, {k: v.detach() for k, v in m.state_dict().items()})
+                    for c, m in zip(clients, local_models)]
         self.model.load_state_dict(self.aggregate(payloads))
         val = [client_metrics(c.y_val, self.predict(c, c.x_val).argmax(1)) for c in self.ctx.clients]
         return {"train_loss": sum(losses) / len(losses),

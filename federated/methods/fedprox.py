@@ -20,6 +20,6 @@ class FedProx(FedAvg):
     def local_penalty(self, global_state):
         mu = self.cfg.mu
 
-        def proximal(model: torch.nn.Module) -> torch.Tensor:
-            return 0.5 * mu * sum((p - global_state[k]).pow(2).sum() for k, p in model.named_parameters())
+        def proximal(params: dict[str, torch.Tensor]) -> torch.Tensor:  # (A, ...) stacked -> (A,)
+            return 0.5 * mu * sum((p - global_state[k]).pow(2).flatten(1).sum(1) for k, p in params.items())
         return proximal
