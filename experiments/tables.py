@@ -86,6 +86,7 @@ def columns_and_rows(groups: dict) -> tuple[list, list]:
 
 def build_table(groups: dict) -> tuple[str, str]:
     columns, methods = columns_and_rows(groups)
+    most_seeds = max(map(len, groups.values()))  # a cell with fewer seeds says so
     header = ["Method"] + [f"{d} ({s}) {m}" for d, s in columns for m in ("ACC (%)", "BACC (%)")] + ["ε spent (max)"]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out = io.StringIO()
@@ -102,9 +103,10 @@ def build_table(groups: dict) -> tuple[str, str]:
             eps = [r["privacy"]["epsilon_spent_max"] for r in runs
                    if r.get("privacy") and r["privacy"].get("epsilon_spent_max") is not None]
             eps_all += eps
+            fewer = "" if len(runs) == most_seeds else f" ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
             for metric in ("acc", "bacc"):
                 c = cell(runs, metric)
-                row.append(f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}")
+                row.append(f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}{fewer}")
                 writer.writerow([m, tag, d, s, metric, f"{c['mean']:.6f}", f"{c['std']:.6f}", f"{c['seed_mean']:.6f}",
                                  f"{c['seed_std']:.6f}", len(runs), " ".join(str(r["seed"]) for r in runs),
                                  f"{max(eps):.4f}" if eps else ""])
@@ -131,7 +133,7 @@ def dig(res: dict, path: tuple[str, ...]):
 
 def build_release_table(groups: dict) -> tuple[str, str]:
     """Fidelity and audit of the synthetic data, one row per anonymizer run group (mean ± std over seeds)."""
-    header = ["Method", "dataset", "split"] + [h for h, _, _ in RELEASE_METRICS]
+    header = ["Method", "dataset", "split", "seeds"] + [h for h, _, _ in RELEASE_METRICS]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out = io.StringIO()
     writer = csv.writer(out)
@@ -142,7 +144,7 @@ def build_release_table(groups: dict) -> tuple[str, str]:
             runs = [r for r in groups.get((d, s, m, tag), []) if "fidelity" in r]
             if not runs:
                 continue
-            row = [row_name(m, tag), d, s]
+            row = [row_name(m, tag), d, s, str(len(runs))]
             for name, path, scale in RELEASE_METRICS:
                 values = np.array([v for v in (dig(r, path) for r in runs) if v is not None], dtype=float)
                 if not len(values):

@@ -32,7 +32,7 @@ def test_table_cells_are_client_means_over_seeds(tmp_path):
     assert md[0].startswith("| Method | organamnist (IID) ACC (%) | organamnist (IID) BACC (%) | organamnist (α = 0.3)")
     # client means over seeds: 0.7 and 0.9 -> mean 80.00, std 10.00; bacc half of it
     assert md[2] == "| FedAvg | 80.00 ± 10.00 | 40.00 ± 5.00 | – | – | no DP |"
-    assert md[3] == "| DP-CVAE | – | – | 60.00 ± 10.00 | 30.00 ± 5.00 | 0.980 |"
+    assert md[3] == "| DP-CVAE | – | – | 60.00 ± 10.00 (1 seed) | 30.00 ± 5.00 (1 seed) | 0.980 |"
     rows = out.with_suffix(".csv").read_text().splitlines()
     fedavg_acc = [r for r in rows if r.startswith("fedavg,,organamnist,IID,acc")][0].split(",")
     assert fedavg_acc[5:11] == ["0.800000", "0.100000", "0.800000", "0.100000", "2", "1 2"]
@@ -52,10 +52,10 @@ def test_tagged_runs_are_their_own_rows_and_release_table(tmp_path):
     tables.main(tables.get_args_parser().parse_args(["--results", str(tmp_path), "--out", str(out)]))
     md = out.with_suffix(".md").read_text().splitlines()
     assert md[2] == "| DP-CVAE | 60.00 ± 10.00 | 30.00 ± 5.00 | 0.990 |"
-    assert md[3] == "| DP-CVAE [eps4] | 90.00 ± 0.00 | 45.00 ± 0.00 | 3.900 |"
+    assert md[3] == "| DP-CVAE [eps4] | 90.00 ± 0.00 (1 seed) | 45.00 ± 0.00 (1 seed) | 3.900 |"
     rel = out.with_name("t1_release.md").read_text().splitlines()
     assert len(rel) == 3  # the tagged run has no fidelity block
-    assert rel[2].startswith("| DP-CVAE | organamnist | α = 0.3 | 60 ± 10 | 0.2 ± 0 | 0.4 ± 0 |")
+    assert rel[2].startswith("| DP-CVAE | organamnist | α = 0.3 | 2 | 60 ± 10 | 0.2 ± 0 | 0.4 ± 0 |")
     assert "| 0.55 ± 0.05 | 0.52 ± 0 |" in rel[2]
 
 
