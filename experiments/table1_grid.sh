@@ -25,6 +25,7 @@ done
 first_seed=${SEEDS%% *}
 for method in dpcvae dpcgan fedhypevae; do
   for run in "$OUT/$DATASET/$method"/*/"seed=$first_seed"; do
+    [ -f "$run/results.json" ] || continue
     "${PYTHON:-python}" experiments/plots.py projection --run "$run" \
       --out "$OUT/figures/${DATASET}_projection_${method}_$(basename "$(dirname "$run")").png"
   done

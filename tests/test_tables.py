@@ -105,3 +105,24 @@ def test_plots_from_fixture_results(tmp_path):
     with pytest.raises(UserError, match="no results; available"):
         plots.main(plots.get_args_parser().parse_args(["clients", "--results", str(tmp_path), "--dataset", "nope",
                                                       "--out", str(tmp_path / "x.png")]))
+
+
+def test_table1_script_runs_the_grid_end_to_end(tmp_path):
+    """experiments/organamnist/table1.sh on a tiny database (2 rounds, 3 clients, 1 seed): every method x
+    split runs, then the tables and figures are built from the results files."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT, write_db
+    db = write_db(tmp_path / "db")
+    env = {**os.environ, "PYTHON": sys.executable, "DB": str(db), "OUT": str(tmp_path / "res"), "SEEDS": "1"}
+    fast = ["--rounds", "2", "--n-clients", "3", "--local-epochs", "1", "--gen-local-epochs", "1", "--min-samples", "5",
+            "--downstream-epochs", "5", "--meta-steps", "5", "--threads", "1", "--no-progress"]
+    proc = subprocess.run(["bash", str(ROOT / "experiments/organamnist/table1.sh"), *fast], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (tmp_path / "res/tables/table1_organamnist.md").read_text().splitlines()
+    assert len(md) == 2 + 8 and all(" – " not in line for line in md[2:])  # 8 methods, both splits filled
+    assert (tmp_path / "res/tables/table1_organamnist_release.md").exists()
+    figures = {p.name for p in (tmp_path / "res/figures").glob("*.png")}
+    assert "organamnist_clients.png" in figures and len(figures) == 1 + 3 * 2
