@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from data.io import UserError, run_cli  # noqa: E402
-from experiments.tables import METHOD_NAMES, METHOD_ORDER, collect, row_name, split_label  # noqa: E402
+from experiments.tables import METHOD_NAMES, collect, columns_and_rows, method_rank, row_name, split_label  # noqa: E402
 
 ATTACKS = {"dcr": "DCR", "density_ratio": "density ratio"}
 
@@ -81,7 +81,7 @@ def plot_sweep(groups: dict, out: Path) -> None:
     def x_of(e):
         return e if math.isfinite(e) else nodp_x
     fig, (ax_u, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
-    for method in sorted(points, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99):
+    for method in sorted(points, key=method_rank):
         eps = sorted(points[method])
         xs = [x_of(e) for e in eps]
         bacc = [100 * np.mean([np.mean([c["bacc"] for c in r["clients"]]) for r in points[method][e]]) for e in eps]
@@ -107,8 +107,7 @@ def plot_sweep(groups: dict, out: Path) -> None:
 
 def plot_clients(groups: dict, out: Path) -> None:
     splits = sorted({s for _, s, _, _ in groups}, key=lambda s: (s != "IID", s))
-    rows = sorted({(m, t) for _, _, m, t in groups},
-                  key=lambda mt: (METHOD_ORDER.index(mt[0]) if mt[0] in METHOD_ORDER else 99, mt))
+    _, rows = columns_and_rows(groups)
     colours = {row: plt.cm.tab10(j % 10) for j, row in enumerate(rows)}  # one colour per method in every panel
     width = 0.8 / max(len(rows), 1)
     fig, axes = plt.subplots(len(splits), 1, figsize=(12, 3.6 * len(splits)), squeeze=False)

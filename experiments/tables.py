@@ -77,10 +77,15 @@ def cell(runs: list[dict], metric: str) -> dict:
             "seed_mean": float(seed_means.mean()), "seed_std": float(seed_means.std())}
 
 
+def method_rank(method: str) -> tuple[int, str]:
+    """Table order: the papers' rows first, any other method after them by name."""
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
 def columns_and_rows(groups: dict) -> tuple[list, list]:
+    """(dataset, split) columns and (method, tag) rows of the groups, in table order."""
     columns = sorted({(d, s) for d, s, _, _ in groups}, key=lambda ds: (ds[0], ds[1] != "IID", ds[1]))
-    rows = sorted({(m, t) for _, _, m, t in groups},
-                  key=lambda mt: (METHOD_ORDER.index(mt[0]) if mt[0] in METHOD_ORDER else 99, mt[0], mt[1]))
+    rows = sorted({(m, t) for _, _, m, t in groups}, key=lambda mt: (method_rank(mt[0]), mt[1]))
     return columns, rows
 
 

@@ -55,6 +55,8 @@ def run_lock(run_dir: Path):
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
         break
+    else:  # another process took the lock between our stale-lock removal and our retry
+        raise UserError(f"{run_dir}: another process is taking {lock}; try again when it has finished")
     try:
         yield
     finally:

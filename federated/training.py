@@ -41,10 +41,10 @@ def make_optimizer(params, cfg: OptimConfig, *, foreach: bool | None = None) -> 
 
 
 def train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: OptimConfig,
-                 gen: torch.Generator, *, optimizer: torch.optim.Optimizer | None = None,
-                 penalty: Callable[[nn.Module], torch.Tensor] | None = None) -> float:
-    """cfg.epochs epochs of shuffled minibatch cross-entropy (+ penalty(model)); mean loss."""
-    optimizer = optimizer or make_optimizer(model.parameters(), cfg)
+                 gen: torch.Generator, *, penalty: Callable[[nn.Module], torch.Tensor] | None = None) -> float:
+    """cfg.epochs epochs of shuffled minibatch cross-entropy (+ penalty(model)) with a fresh optimiser;
+    mean loss. The straightforward one-model loop that train_classifiers is tested against."""
+    optimizer = make_optimizer(model.parameters(), cfg)
     batch = cfg.batch_size or len(y)
     total, steps = 0.0, 0
     model.train()

@@ -272,3 +272,15 @@ def test_batched_classifiers_equal_training_each_alone(optimizer, mu):
         torch.testing.assert_close(batched[k].weight, alone.weight, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(batched[k].bias, alone.bias, rtol=1e-5, atol=1e-6)
         assert losses[k] == pytest.approx(loss, rel=1e-5)
+
+
+def test_a_lock_that_cannot_be_taken_refuses_the_run(tmp_path, monkeypatch):
+    """If another process keeps winning the lock file, the run is refused, never run unlocked."""
+    from federated import loop
+
+    def always_taken(*args, **kwargs):
+        raise FileExistsError
+    monkeypatch.setattr(loop.os, "open", always_taken)
+    with pytest.raises(UserError, match="another process is taking"):
+        with loop.run_lock(tmp_path / "run"):
+            pytest.fail("ran without the lock")

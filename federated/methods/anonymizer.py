@@ -21,7 +21,7 @@ from federated.fidelity import ReleaseEvalConfig, fidelity_report
 from federated.methods.base import BATCHES, DOWNSTREAM, LATENT, NOISE, RELEASE_EVAL, SERVER, SYNTH, Method, RunContext
 from federated.methods.fedavg import weighted_average
 from federated.privacy import ClientAccountant, PrivacyConfig, add_noise, calibrate_noise, clipped_grad_sum, epsilon_of
-from federated.training import OptimConfig, downstream_default, fit_classifier, fit_classifiers, predict_proba
+from federated.training import OptimConfig, downstream_default, fit_classifier, predict_proba
 
 POLICIES = ("fill", "reference", "uniform")
 
@@ -190,9 +190,7 @@ class Anonymizer(Method):
             x_syn, y_syn = self.synthesize(i)
             self.synthetic_sizes[c.id] = len(y_syn)
             data.append((torch.cat([c.x_train, x_syn]), torch.cat([c.y_train, y_syn])))
-        models = fit_classifiers(data, self.ctx.n_classes, self.cfg.downstream,
-                                 [make_generator(self.ctx.seed, c.id, DOWNSTREAM) for c in self.ctx.clients])
-        self.downstream_models = {c.id: m for c, m in zip(self.ctx.clients, models)}
+        self.downstream_models = self.fit_client_classifiers(data, self.cfg.downstream)
         if self.cfg.evaluation.enabled:
             self.release_eval = self.evaluate_release()
 

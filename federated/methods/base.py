@@ -6,7 +6,8 @@ from typing import Callable, ClassVar
 
 import torch
 
-from federated.clients import ClientData
+from federated.clients import ClientData, make_generator
+from federated.training import OptimConfig, fit_classifiers
 
 # Purpose tags for make_generator(seed, client, PURPOSE): independent streams per use.
 INIT, BATCHES, NOISE, LATENT, DOWNSTREAM, SYNTH = range(6)
@@ -66,6 +67,15 @@ class Method:
     def predict(self, client: ClientData, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities (N, C) of `client`'s final model."""
         raise NotImplementedError
+
+    def fit_client_classifiers(self, datasets: list[tuple[torch.Tensor, torch.Tensor]],
+                               cfg: OptimConfig) -> dict[int, torch.nn.Module]:
+        """{client id: a linear classifier trained on datasets[i]}, each from the client's own
+        DOWNSTREAM stream, all clients in one batched loop."""
+        clients = self.ctx.clients
+        models = fit_classifiers(datasets, self.ctx.n_classes, cfg,
+                                 [make_generator(self.ctx.seed, c.id, DOWNSTREAM) for c in clients])
+        return {c.id: m for c, m in zip(clients, models)}
 
     def state_dict(self) -> dict:
         return {}

@@ -14,10 +14,10 @@ import torch
 from torch.nn import functional as F
 
 from data.io import UserError
-from federated.clients import ClientData, make_generator
-from federated.methods.base import DOWNSTREAM, RunContext
+from federated.clients import ClientData
+from federated.methods.base import RunContext
 from federated.methods.fedavg import FedAvg, FedAvgConfig
-from federated.training import OptimConfig, downstream_default, fit_classifiers, predict_proba
+from federated.training import OptimConfig, downstream_default, predict_proba
 
 LOCAL_MODELS = ("knn", "linear")
 
@@ -69,10 +69,8 @@ class FedLambda(FedAvg):
         # val_acc[client, k, lambda]
         val_acc = torch.zeros(len(self.ctx.clients), len(ks), len(lams))
         if self.cfg.local_model == "linear":
-            clients = self.ctx.clients
-            models = fit_classifiers([(c.x_train, c.y_train) for c in clients], self.ctx.n_classes, self.cfg.downstream,
-                                     [make_generator(self.ctx.seed, c.id, DOWNSTREAM) for c in clients])
-            self.local_models = {c.id: m for c, m in zip(clients, models)}
+            self.local_models = self.fit_client_classifiers([(c.x_train, c.y_train) for c in self.ctx.clients],
+                                                            self.cfg.downstream)
         for client in self.ctx.clients:
             p_global = predict_proba(self.model, client.x_val)
             for j, k in enumerate(ks):

@@ -11,7 +11,7 @@ import torch
 
 from federated.clients import ClientData, make_generator
 from federated.methods.base import DOWNSTREAM, SERVER, Method, RunContext
-from federated.training import OptimConfig, downstream_default, fit_classifier, fit_classifiers, predict_proba
+from federated.training import OptimConfig, downstream_default, fit_classifier, predict_proba
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,8 @@ class Local(Method):
         self.models: dict[int, torch.nn.Module] = {}
 
     def finish(self) -> None:
-        clients = self.ctx.clients
-        models = fit_classifiers([(c.x_train, c.y_train) for c in clients], self.ctx.n_classes, self.cfg.downstream,
-                                 [make_generator(self.ctx.seed, c.id, DOWNSTREAM) for c in clients])
-        self.models = {c.id: m for c, m in zip(clients, models)}
+        self.models = self.fit_client_classifiers([(c.x_train, c.y_train) for c in self.ctx.clients],
+                                                  self.cfg.downstream)
 
     def predict(self, client: ClientData, x: torch.Tensor) -> torch.Tensor:
         return predict_proba(self.models[client.id], x)
