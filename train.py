@@ -51,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="reference-code alias: cvae_fedavg = dpcvae, cgan_fedavg = dpcgan")
 
     g = p.add_argument_group("Data and clients")
-    g.add_argument("--db", type=Path, required=True, help="embedding database folder (data/create_db.py)")
+    g.add_argument("--db", type=Path, default=None, help="embedding database folder (data/create_db.py); required")
     g.add_argument("--dataset-name", default=None, help="name in the results path (default: the database's)")
     g.add_argument("--n-clients", type=int, default=10, help="number of clients")
     g.add_argument("--split", dest="split_kind", default="dirichlet", choices=sorted(PARTITIONERS),
@@ -228,9 +228,24 @@ def changed_settings(old: dict, new: dict, defaults: dict) -> list[str]:
                   if old.get(k, missing) != new.get(k) and not (k not in old and new.get(k) == defaults.get(k)))
 
 
-def main(args: argparse.Namespace) -> int:
+def method_setup(args: argparse.Namespace) -> tuple[str, type, object]:
+    """(name, class, typed config) of the method the flags choose (also the Flower app's)."""
     method_name = resolve_method(args)
     check_flags(args)
+    method_cls = METHODS[method_name]
+    return method_name, method_cls, build_config(method_cls.Config, args)
+
+
+def split_info(split: dict) -> dict:
+    """results.json's "split" block from a SplitConfig's fields."""
+    return {"kind": split["kind"], "alpha": split["alpha"] if split["kind"] == "dirichlet" else None,
+            "n_clients": split["n_clients"], "split_seed": split["split_seed"]}
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.db is None:
+        raise UserError("--db is required: the embedding database folder (e.g. assets/organamnist_vits14_224)")
+    method_name, method_cls, method_cfg = method_setup(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     db = load_database(args.db)
@@ -238,8 +253,6 @@ def main(args: argparse.Namespace) -> int:
     split = SplitConfig(kind=args.split_kind, n_clients=args.n_clients, alpha=args.alpha,
                         split_seed=args.split_seed, min_samples=args.min_samples,
                         test_frac=args.test_frac, val_frac=args.val_frac)
-    method_cls = METHODS[method_name]
-    method_cfg = build_config(method_cls.Config, args)
     tag = args.tag or run_tag(split.kind, split.alpha, split.n_clients)
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())}
     settings = json.loads(json.dumps({k: v for k, v in flags.items() if k not in NOT_RESULT_FLAGS}))
@@ -266,9 +279,7 @@ def main(args: argparse.Namespace) -> int:
         clients = build_clients(db, split, seed, device)
         ctx = RunContext(clients=clients, n_classes=len(db.classes), dim=db.dim, seed=seed,
                          rounds=args.rounds, device=device)
-        info = RunInfo(method=method_name, dataset=dataset, seed=seed,
-                       split={"kind": split.kind, "alpha": split.alpha if split.kind == "dirichlet" else None,
-                              "n_clients": split.n_clients, "split_seed": split.split_seed})
+        info = RunInfo(method=method_name, dataset=dataset, seed=seed, split=split_info(dataclasses.asdict(split)))
         results = run(method_cls(ctx, method_cfg), info, run_dir, progress=args.progress)
         s = results["summary"]
         summaries.append(s)

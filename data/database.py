@@ -6,6 +6,10 @@
     <db>/test.npz        dataset has natural groups (e.g. Camelyon17 hospitals)
 
 A split may be absent when the source has none. train.py pools the splits it finds.
+
+A *client database* (data/partition.py --client-dbs, read by a Flower SuperNode) is the same format
+holding one client's own train/val/test records; its manifest adds "client": {id, n_clients, split,
+seed, source} so the node knows which client it is and the server can check all agree.
 """
 from __future__ import annotations
 
@@ -107,3 +111,22 @@ def write_synthetic_database(path: Path, *, n: int, dim: int, n_classes: int, se
                        "classes": [f"c{i}" for i in range(n_classes)], "embedding_dim": dim,
                        "source": "synthetic class clusters (data.database.write_synthetic_database)"})
     return Path(path)
+
+
+def write_client_databases(db: Database, splits: list, out: Path, *, split_config: dict, seed: int) -> list[Path]:
+    """One database per client (client_<id>/) holding that client's train/val/test records, in this format."""
+    paths = []
+    for client_id, client in enumerate(splits):
+        path = Path(out) / f"client_{client_id}"
+        for name in SPLITS:
+            idx = getattr(client, name)
+            arrays = {"embeddings": db.embeddings[idx], "labels": db.labels[idx], "indices": idx}
+            if db.groups is not None:
+                arrays["groups"] = db.groups[idx]
+            atomic_save_npz(path / f"{name}.npz", **arrays)
+        manifest = {**db.manifest, "client": {"id": client_id, "n_clients": len(splits), "split": split_config,
+                                              "seed": seed, "source": str(db.path),
+                                              "source_dataset": db.manifest.get("dataset")}}
+        atomic_write_json(path / "manifest.json", manifest)  # last: a folder with a manifest is complete
+        paths.append(path)
+    return paths

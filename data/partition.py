@@ -6,6 +6,8 @@ Camelyon17 hospitals). Inside a client, a per-label split: test fixed by the spl
 reference protocol), validation drawn from train with the run seed.
 
     python data/partition.py --db assets/organamnist_vits14_224 --kind dirichlet --alpha 0.3 --out split.json
+    # one database per client, for Flower SuperNodes (indices: rows of the pooled source database)
+    python data/partition.py --db assets/organamnist_vits14_224 --seed 3407 --client-dbs clients/
 """
 from __future__ import annotations
 
@@ -160,19 +162,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-samples", type=int, default=10, help="minimum samples per client")
     p.add_argument("--test-frac", type=float, default=0.2, help="per-client test fraction")
     p.add_argument("--val-frac", type=float, default=0.2, help="validation fraction of the rest")
-    p.add_argument("--out", type=Path, required=True, help="manifest JSON to write")
+    p.add_argument("--out", type=Path, default=None, help="split manifest JSON to write")
+    p.add_argument("--client-dbs", type=Path, default=None,
+                   help="folder to write one database per client into (client_<id>/, for Flower SuperNodes)")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    from data.database import load_database
+    from data.database import load_database, write_client_databases
+    if args.out is None and args.client_dbs is None:
+        raise UserError("nothing to write: pass --out split.json and/or --client-dbs DIR")
     db = load_database(args.db)
     cfg = SplitConfig(kind=args.kind, n_clients=args.n_clients, alpha=args.alpha,
                       split_seed=args.split_seed, min_samples=args.min_samples,
                       test_frac=args.test_frac, val_frac=args.val_frac)
     splits = split_clients(db.labels, db.groups, cfg, args.seed)
-    atomic_write_json(args.out, split_manifest(splits, db.labels, len(db.classes), cfg, args.seed))
-    print(f"wrote {args.out}: {len(splits)} clients, train sizes {[len(s.train) for s in splits]}")
+    if args.out is not None:
+        atomic_write_json(args.out, split_manifest(splits, db.labels, len(db.classes), cfg, args.seed))
+        print(f"wrote {args.out}: {len(splits)} clients, train sizes {[len(s.train) for s in splits]}")
+    if args.client_dbs is not None:
+        paths = write_client_databases(db, splits, args.client_dbs, split_config=asdict(cfg), seed=args.seed)
+        print(f"wrote {len(paths)} client databases under {args.client_dbs} (seed {args.seed})")
     return 0
 
 

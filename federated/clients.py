@@ -7,7 +7,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from data.database import Database
+from data.database import SPLITS, Database
+from data.io import UserError
 from data.partition import SplitConfig, split_clients
 
 
@@ -36,6 +37,20 @@ def build_clients(db: Database, split: SplitConfig, seed: int, device: torch.dev
 
     return [ClientData(i, *take(s.train), *take(s.val), *take(s.test))
             for i, s in enumerate(split_clients(db.labels, db.groups, split, seed))]
+
+
+def client_from_database(db: Database, device: torch.device) -> ClientData:
+    """The one client a client database (data/partition.py --client-dbs) holds, under its own id."""
+    info = db.manifest.get("client")
+    if not isinstance(info, dict) or "id" not in info:
+        raise UserError(f"{db.path}: not a client database (its manifest has no 'client' block); "
+                        "write one with data/partition.py --client-dbs")
+    x, y = torch.from_numpy(db.embeddings), torch.from_numpy(db.labels)
+    parts = []
+    for k in range(len(SPLITS)):
+        rows = torch.from_numpy(np.nonzero(db.source_split == k)[0])
+        parts += [x[rows].to(device), y[rows].to(device)]
+    return ClientData(int(info["id"]), *parts)
 
 
 def make_generator(seed: int, *keys: int) -> torch.Generator:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from prdc import compute_prdc
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,8 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def prdc_metrics(real: torch.Tensor, fake: torch.Tensor, nearest_k: int) -> dict[str, float]:
-    if len(real) <= nearest_k or len(fake) <= nearest_k:
+    from prdc import compute_prdc  # here, not at the top: sklearn costs seconds per (Flower) process
+    if min(len(real), len(fake)) < nearest_k + 2:  # prdc needs k + 1 neighbours besides the point itself
         return {k: float("nan") for k in ("precision", "recall", "density", "coverage")}
     with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the sample sizes
         out = compute_prdc(real.float().numpy(), fake.float().numpy(), nearest_k)

@@ -109,21 +109,33 @@ def run_locked(method: Method, info: RunInfo, run_dir: Path, *, progress: bool, 
         if stop_after is not None and rnd + 1 - start >= stop_after:
             raise InterruptedError(f"stopped after round {rnd}")
     method.finish()
-    clients = []
-    for c in method.ctx.clients:
-        with torch.no_grad():
-            pred = method.predict(c, c.x_test).argmax(1)
-        m = client_metrics(c.y_test, pred)
-        clients.append({"id": c.id, "n_train": c.n_train, "n_val": len(c.y_val), "n_test": len(c.y_test), **m})
-    results = {
-        "method": info.method, "dataset": info.dataset, "seed": info.seed, "split": info.split,
-        "rounds": rounds, "clients": clients, "summary": summarize(clients),
-        "communication": {"uplink_bytes_total": method.ctx.uplink.bytes_sent,
-                          "uplink_bytes_per_client_round": (method.ctx.uplink.bytes_sent / rounds / len(clients)
-                                                            if rounds else 0)},
-        **method.report(),
-        "timing": {"wall_s": round(wall + time.perf_counter() - tic, 3)},
-    }
+    results = results_record(info, rounds=rounds, clients=client_results(method),
+                             uplink_bytes=method.ctx.uplink.bytes_sent, report=method.report(),
+                             wall_s=wall + time.perf_counter() - tic)
     atomic_write_json(run_dir / RESULTS, results)
     (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return results
+
+
+def client_results(method: Method) -> list[dict]:
+    """Each client's test metrics of its final model (after finish())."""
+    out = []
+    for c in method.ctx.clients:
+        with torch.no_grad():
+            pred = method.predict(c, c.x_test).argmax(1)
+        out.append({"id": c.id, "n_train": c.n_train, "n_val": len(c.y_val), "n_test": len(c.y_test),
+                    **client_metrics(c.y_test, pred)})
+    return out
+
+
+def results_record(info: RunInfo, *, rounds: int, clients: list[dict], uplink_bytes: int, report: dict,
+                   wall_s: float) -> dict:
+    """results.json's content (the simulated loop and the Flower server write the same contract)."""
+    return {
+        "method": info.method, "dataset": info.dataset, "seed": info.seed, "split": info.split,
+        "rounds": rounds, "clients": clients, "summary": summarize(clients),
+        "communication": {"uplink_bytes_total": uplink_bytes,
+                          "uplink_bytes_per_client_round": uplink_bytes / rounds / len(clients) if rounds else 0},
+        **report,
+        "timing": {"wall_s": round(wall_s, 3)},
+    }

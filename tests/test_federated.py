@@ -14,7 +14,7 @@ from conftest import ROOT, write_db
 from data.io import UserError
 from federated.evaluation import client_metrics
 from federated.methods import METHODS
-from federated.methods.fedavg import weighted_average
+from federated.methods.base import weighted_average
 import train
 
 FAST = ["--rounds", "2", "--lr", "0.05", "--n-clients", "3", "--local-epochs", "1", "--downstream-epochs", "20", "--downstream-batch-size", "32",

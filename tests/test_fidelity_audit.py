@@ -36,6 +36,14 @@ def test_prdc_extremes():
     assert far["precision"] == 0.0 and far["coverage"] == 0.0 and far["density"] == 0.0
 
 
+@pytest.mark.parametrize("n, defined", [(6, False), (7, True)])
+def test_prdc_is_nan_below_k_plus_two_records(n, defined):
+    """k-th neighbour radii need k + 1 other records; a rare class of a small client must not crash."""
+    gen = torch.Generator().manual_seed(0)
+    out = prdc_metrics(torch.randn(n, 4, generator=gen), torch.randn(50, 4, generator=gen), nearest_k=5)
+    assert all((v == v) == defined for v in out.values())
+
+
 def test_fidelity_report_per_class_and_projection():
     gen = torch.Generator().manual_seed(1)
     y = torch.arange(3).repeat_interleave(60)

@@ -8,13 +8,13 @@ from conftest import ROOT
 
 
 def pins(text: str) -> dict[str, str]:
-    return dict(re.findall(r"^\s*-?\s*([A-Za-z0-9_.-]+)==([^\s#]+)", text, flags=re.M))
+    return dict(re.findall(r"^\s*-?\s*([A-Za-z0-9_.\[\]-]+)==([^\s#]+)", text, flags=re.M))
 
 
 def test_requirements_and_environment_agree():
     req = pins((ROOT / "requirements.txt").read_text())
     env = pins((ROOT / "environment.yaml").read_text())
-    assert req == env and {"torch", "torchvision", "opacus", "timm", "medmnist", "wilds"} <= set(req)
+    assert req == env and {"torch", "torchvision", "opacus", "timm", "medmnist", "wilds", "flwr[simulation]"} <= set(req)
     assert req["torch"] == "2.14.1" and req["torchvision"] == "0.29.1"
 
 

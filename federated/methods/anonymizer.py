@@ -1,9 +1,10 @@
 """What every anonymizer shares: DP bookkeeping per client, noisy aggregation weights, synthesis with a
 class policy, and the downstream classifier on real + synthetic data.
 
-A subclass supplies the generative model through three hooks: `local_train` (one round on one
-client, returns the payload it sends), `aggregate` (server side) and `sample` (synthetic embeddings
-for given labels, on a client, after training).
+A subclass supplies the generative model through `local_train` (one round on one client, returns the
+payload it sends), `shared_state`/`receive` (the shared model the server holds and broadcasts),
+`sample` (synthetic embeddings for given labels, on a client, after training) and, where the server
+does more than a weighted average, `aggregate`.
 """
 from __future__ import annotations
 
@@ -14,12 +15,11 @@ from typing import Callable
 import torch
 
 from data.io import UserError
-from federated.audit import membership_audit
 from federated.clients import ClientData, make_generator, poisson_batch
 from federated.evaluation import client_metrics
 from federated.fidelity import ReleaseEvalConfig, fidelity_report
-from federated.methods.base import BATCHES, DOWNSTREAM, LATENT, NOISE, RELEASE_EVAL, SERVER, SYNTH, Method, RunContext
-from federated.methods.fedavg import weighted_average
+from federated.methods.base import (BATCHES, DOWNSTREAM, LATENT, NOISE, RELEASE_EVAL, SERVER, SYNTH, FederatedMethod,
+                                    RunContext)
 from federated.privacy import ClientAccountant, PrivacyConfig, add_noise, calibrate_noise, clipped_grad_sum, epsilon_of
 from federated.training import OptimConfig, downstream_default, fit_classifier, predict_proba
 
@@ -62,7 +62,7 @@ class AnonymizerConfig:
     evaluation: ReleaseEvalConfig = field(default_factory=ReleaseEvalConfig)
 
 
-class Anonymizer(Method):
+class Anonymizer(FederatedMethod):
     """DP-trained federated generator -> local synthesis -> downstream classifier on real + synthetic."""
 
     def __init__(self, ctx: RunContext, cfg: AnonymizerConfig) -> None:
@@ -79,29 +79,41 @@ class Anonymizer(Method):
         self.batch_gens = [make_generator(ctx.seed, c.id, BATCHES) for c in ctx.clients]
         self.latent_gens = [make_generator(ctx.seed, c.id, LATENT) for c in ctx.clients]
         self.accountants = [ClientAccountant(self.privacy) for _ in ctx.clients]
-        self.noise_multipliers = [0.0] * len(ctx.clients)
-        released, calibrated = [], {}
+        self._noise_multipliers: list[float] | None = None  # calibrated when first needed (see below)
+        self.released_sizes: list[float] = []  # the (noisy) client sizes behind the aggregation weights
         for i, c in enumerate(ctx.clients):
-            total = ctx.rounds * cfg.gen.local_epochs * self.steps_per_epoch[i]
-            count_sigma = self.privacy.count_noise  # sensitivity 1: the noise multiplier is the std
             if self.privacy.enabled:
-                q = self.sample_rates[i]
-                if (q, total) not in calibrated:  # clients with the same plan share one calibration
-                    calibrated[q, total] = calibrate_noise(
-                        lambda s: [(count_sigma, 1.0, 1), *self.planned_history(s, q, total)], self.privacy)
-                self.noise_multipliers[i] = calibrated[q, total]
+                count_sigma = self.privacy.count_noise  # sensitivity 1: the noise multiplier is the std
                 self.accountants[i].release("n_train", count_sigma)
-                noisy = c.n_train + count_sigma * float(torch.randn(1, generator=self.noise_gens[i]))
-                released.append(max(noisy, 1.0))
+                size = max(c.n_train + count_sigma * float(torch.randn(1, generator=self.noise_gens[i])), 1.0)
             else:
-                released.append(float(c.n_train))
-        # aggregation weights from the released (noisy) client sizes, sent once through the channel
-        sizes = [ctx.uplink.send(c.id, {"n_train": torch.tensor([n])})["n_train"] for c, n in zip(ctx.clients, released)]
-        total_size = torch.cat(sizes).sum()
-        self.agg_weights = torch.cat(sizes) / total_size
-        self.downstream_models: dict[int, torch.nn.Module] = {}
+                size = float(c.n_train)
+            # released once (the Flower client repeats the same number with each reply: no new release)
+            self.released_sizes.append(float(ctx.uplink.send(c.id, {"n_train": torch.tensor([size])})["n_train"]))
         self.synthetic_sizes: dict[int, int] = {}
         self.release_eval: dict = {}
+
+    @property
+    def noise_multipliers(self) -> list[float]:
+        """Each client's DP-SGD noise multiplier, calibrated so that its whole planned ledger (size
+        release, every step of every round, later releases) meets the target. Calibration is seconds of
+        accountant work: done once, on first use, and kept in state_dict (a Flower client rebuilds its
+        method for every message)."""
+        if self._noise_multipliers is None:
+            self._noise_multipliers = self.calibrate()
+        return self._noise_multipliers
+
+    def calibrate(self) -> list[float]:
+        if not self.privacy.enabled:
+            return [0.0] * len(self.ctx.clients)
+        count_sigma, calibrated, out = self.privacy.count_noise, {}, []
+        for i in range(len(self.ctx.clients)):
+            q, total = self.sample_rates[i], self.ctx.rounds * self.cfg.gen.local_epochs * self.steps_per_epoch[i]
+            if (q, total) not in calibrated:  # clients with the same plan share one calibration
+                calibrated[q, total] = calibrate_noise(
+                    lambda s: [(count_sigma, 1.0, 1), *self.planned_history(s, q, total)], self.privacy)
+            out.append(calibrated[q, total])
+        return out
 
     def planned_history(self, sigma: float, sample_rate: float, steps: int) -> list[tuple[float, float, int]]:
         """The noisy training steps the whole run will take (a subclass may add releases)."""
@@ -147,31 +159,25 @@ class Anonymizer(Method):
         """One round on client i: returns (the payload it sends, its mean local loss)."""
         raise NotImplementedError
 
-    def aggregate(self, payloads: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return weighted_average(payloads, self.agg_weights)
-
-    def receive(self, shared: dict[str, torch.Tensor]) -> None:
-        """The server's broadcast of the aggregated shared model."""
-        raise NotImplementedError
-
     def sample(self, i: int, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Synthetic embeddings for labels y, on client i, after training."""
         raise NotImplementedError
 
     # --- round and downstream ----------------------------------------------------------------
-    def run_round(self, rnd: int) -> dict:
-        payloads, losses = [], []
-        for i, c in enumerate(self.ctx.clients):
-            payload, loss = self.local_train(i, rnd)
-            payloads.append(self.ctx.uplink.send(c.id, payload))
-            losses.append(loss)
-        self.receive(self.aggregate(payloads))
-        metrics = {"train_loss": sum(losses) / len(losses)}
+    def train_clients(self, indices: list[int], rnd: int) -> list[tuple[dict[str, torch.Tensor], float]]:
+        return [self.local_train(i, rnd) for i in indices]
+
+    def upload_weight(self, i: int) -> float:
+        return self.released_sizes[i]
+
+    def round_metrics(self, rnd: int, losses: list[float]) -> dict:
+        metrics = super().round_metrics(rnd, losses)
         every = max(1, self.ctx.rounds // 10)
-        if self.privacy.enabled and ((rnd + 1) % every == 0 or rnd + 1 == self.ctx.rounds):
+        if self.privacy.enabled and self.accountants and ((rnd + 1) % every == 0 or rnd + 1 == self.ctx.rounds):
             # integer-order RDP: a fast but looser upper bound of the spend so far; results.json reports
             # the chosen accountant's (tighter) epsilon, which is the one calibrated to the target
             metrics["epsilon_rdp_bound_max"] = max(epsilon_of(a.history, self.privacy.delta, "rdp", fast=True)
-                                             for a in self.accountants)
+                                                   for a in self.accountants)
         return metrics
 
     def synthesize(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +190,7 @@ class Anonymizer(Method):
         with torch.no_grad():
             return self.sample(i, y, make_generator(self.ctx.seed, client.id, SYNTH)), y
 
-    def finish(self) -> None:
+    def finish_clients(self) -> None:
         data = []
         for i, c in enumerate(self.ctx.clients):
             x_syn, y_syn = self.synthesize(i)
@@ -200,6 +206,7 @@ class Anonymizer(Method):
         with the same labels (its own stream); real held-out = the clients' test splits, members =
         their training records, the attack's reference population = their validation splits, which
         no generator saw."""
+        from federated.audit import membership_audit  # sklearn: seconds per process, needed only here
         cfg, clients, seed = self.cfg.evaluation, self.ctx.clients, self.ctx.seed
         with torch.no_grad():
             syn_x = torch.cat([self.sample(i, c.y_train, make_generator(seed, c.id, RELEASE_EVAL))
@@ -226,7 +233,7 @@ class Anonymizer(Method):
     def anonymizer_state(self) -> dict:
         """Random streams and privacy ledgers: the state every anonymizer checkpoints."""
         return {**{key: [g.get_state() for g in getattr(self, key)] for key in self.GENERATORS},
-                "accountants": [a.state_dict() for a in self.accountants]}
+                "accountants": [a.state_dict() for a in self.accountants], "noise_multipliers": self._noise_multipliers}
 
     def load_anonymizer_state(self, state: dict) -> None:
         for key in self.GENERATORS:
@@ -234,6 +241,7 @@ class Anonymizer(Method):
                 g.set_state(s)
         for a, s in zip(self.accountants, state["accountants"]):
             a.load_state_dict(s)
+        self._noise_multipliers = state.get("noise_multipliers")  # absent in older checkpoints: recalibrated
 
     def shared_parameters(self) -> dict[str, int]:
         raise NotImplementedError

@@ -81,6 +81,9 @@ class DPCGAN(Anonymizer):
             total, steps = total + float(g_loss.detach()), steps + 1
         return {k: v.detach().clone() for k, v in G.state_dict().items()}, total / max(steps, 1)
 
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.global_generator.state_dict().items()}
+
     def receive(self, shared: dict[str, torch.Tensor]) -> None:
         self.global_generator.load_state_dict(shared)
         for g in self.generators:

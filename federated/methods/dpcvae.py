@@ -52,6 +52,9 @@ class DPCVAE(Anonymizer):
                 total, steps = total + loss, steps + 1
         return {k: v.detach().clone() for k, v in model.decoder.state_dict().items()}, total / max(steps, 1)
 
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.global_decoder.state_dict().items()}
+
     def receive(self, shared: dict[str, torch.Tensor]) -> None:
         self.global_decoder.load_state_dict(shared)
         for m in self.models:

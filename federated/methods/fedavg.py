@@ -8,13 +8,8 @@ import torch
 
 from federated.clients import ClientData, make_generator
 from federated.evaluation import client_metrics
-from federated.methods.base import BATCHES, INIT, SERVER, Method, RunContext
+from federated.methods.base import BATCHES, INIT, SERVER, FederatedMethod, RunContext
 from federated.training import OptimConfig, StackedPenalty, new_classifier, predict_proba, train_classifiers
-
-
-def weighted_average(states: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
-    """sum_i w_i * state_i, key by key (weights sum to one)."""
-    return {k: sum(w * s[k] for w, s in zip(weights.tolist(), states)) for k in states[0]}
 
 
 @dataclass(frozen=True)
@@ -22,7 +17,7 @@ class FedAvgConfig:
     local: OptimConfig = field(default_factory=OptimConfig)
 
 
-class FedAvg(Method):
+class FedAvg(FederatedMethod):
     name = "fedavg"
     Config = FedAvgConfig
 
@@ -38,23 +33,25 @@ class FedAvg(Method):
         to one value per client (A,)."""
         return None
 
-    def aggregate(self, payloads: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return weighted_average(payloads, self.ctx.weights)
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    # --- round -------------------------------------------------------------------------------
-    def run_round(self, rnd: int) -> dict:
-        global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        clients = self.ctx.clients
+    def receive(self, shared: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(shared)
+
+    def train_clients(self, indices: list[int], rnd: int) -> list[tuple[dict[str, torch.Tensor], float]]:
+        global_state = self.shared_state()
+        clients = [self.ctx.clients[i] for i in indices]
         local_models = [copy.deepcopy(self.model) for _ in clients]
         # all clients' local epochs in one batched loop (each exactly as alone, a fresh optimiser each
         # round: momentum is client state that FedAvg does not carry over)
         losses = train_classifiers(local_models, [(c.x_train, c.y_train) for c in clients], self.cfg.local,
-                                   [self.gens[c.id] for c in clients], penalty=self.local_penalty(global_state))
-        payloads = [self.ctx.uplink.send(c.id, {k: v.detach() for k, v in m.state_dict().items()})
-                    for c, m in zip(clients, local_models)]
-        self.model.load_state_dict(self.aggregate(payloads))
+                                   [self.gens[i] for i in indices], penalty=self.local_penalty(global_state))
+        return [({k: v.detach() for k, v in m.state_dict().items()}, loss) for m, loss in zip(local_models, losses)]
+
+    def round_metrics(self, rnd: int, losses: list[float]) -> dict:
         val = [client_metrics(c.y_val, self.predict(c, c.x_val).argmax(1)) for c in self.ctx.clients]
-        return {"train_loss": sum(losses) / len(losses),
+        return {**super().round_metrics(rnd, losses),
                 "val_acc_mean": sum(m["acc"] for m in val) / len(val),
                 "val_bacc_mean": sum(m["bacc"] for m in val) / len(val)}
 

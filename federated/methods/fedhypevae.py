@@ -58,6 +58,9 @@ class FedHypeVAEConfig(AnonymizerConfig):
     stats_noise: float = 20.0
 
 
+META_CODES, META_WEIGHTS, META_LOSS = "meta.codes", "meta.weights", "meta.fit_loss"  # keys of the final broadcast
+
+
 def project_(v: torch.Tensor, radius: float) -> None:
     with torch.no_grad():
         v.mul_((radius / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
@@ -144,9 +147,9 @@ class FedHypeVAE(Anonymizer):
         update = {k: start[k] - v.detach() for k, v in model.hyper.state_dict().items()}
         return update, total / max(steps, 1)
 
-    def aggregate(self, payloads: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def aggregate(self, payloads: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """Phi <- Phi - sum_i w_i * (client i's privatised update), then spectral projection."""
-        step = super().aggregate(payloads)
+        step = super().aggregate(payloads, weights)
         hyper = self.global_hyper
         with torch.no_grad():
             for k, v in hyper.state_dict().items():
@@ -155,6 +158,9 @@ class FedHypeVAE(Anonymizer):
                 for layer in hyper.hyper_layers():
                     layer.weight.div_(torch.linalg.matrix_norm(layer.weight, ord=2).clamp(min=1.0))
         return hyper.state_dict()
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.global_hyper.state_dict().items()}
 
     def receive(self, shared: dict[str, torch.Tensor]) -> None:
         self.global_hyper.load_state_dict(shared)
@@ -215,11 +221,20 @@ class FedHypeVAE(Anonymizer):
         z = mu + torch.exp(0.5 * logvar) * noise
         return hyper.decode(z, y, scales, shifts)
 
-    def finish(self) -> None:
-        stats = [self.ctx.uplink.send(c.id, {"class_stats": self.release_class_stats(i)})["class_stats"]
-                 for i, c in enumerate(self.ctx.clients)]
-        self.fit_meta_codes(torch.stack(stats).sum(0))
-        super().finish()
+    def client_release(self, i: int) -> dict[str, torch.Tensor]:
+        return {"class_stats": self.release_class_stats(i)}
+
+    def finalize(self, releases: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The summed class statistics -> meta-code(s); broadcast with the final hypernetwork."""
+        self.fit_meta_codes(torch.stack([r["class_stats"] for r in releases]).sum(0))
+        return {**self.shared_state(), META_CODES: self.meta_codes, META_WEIGHTS: self.meta_weights,
+                META_LOSS: torch.tensor(self.meta_fit_loss, dtype=torch.float64)}
+
+    def receive_final(self, final: dict[str, torch.Tensor]) -> None:
+        final = dict(final)
+        self.meta_codes, self.meta_weights = final.pop(META_CODES), final.pop(META_WEIGHTS)
+        self.meta_fit_loss = float(final.pop(META_LOSS))
+        self.receive(final)
 
     def sample(self, i: int, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         noise = self.latent_noise(len(y), self.cfg.latent, gen)

@@ -46,6 +46,7 @@ def knn_proba(train_x: torch.Tensor, train_y: torch.Tensor, x: torch.Tensor, k: 
 class FedLambda(FedAvg):
     name = "fedlambda"
     Config = FedLambdaConfig
+    distributed = False  # not on Flower: --lambda-selection global pools the clients' validation scores
 
     def __init__(self, ctx: RunContext, cfg: FedLambdaConfig) -> None:
         super().__init__(ctx, cfg)
@@ -63,7 +64,7 @@ class FedLambda(FedAvg):
             return knn_proba(client.x_train, client.y_train, x, k, self.ctx.n_classes, self.cfg.knn_temperature)
         return predict_proba(self.local_models[client.id], x)
 
-    def finish(self) -> None:
+    def finish_clients(self) -> None:
         ks = self.cfg.k_grid if self.cfg.local_model == "knn" else (0,)
         lams = torch.tensor(self.cfg.lambda_grid)
         # val_acc[client, k, lambda]
@@ -71,19 +72,19 @@ class FedLambda(FedAvg):
         if self.cfg.local_model == "linear":
             self.local_models = self.fit_client_classifiers([(c.x_train, c.y_train) for c in self.ctx.clients],
                                                             self.cfg.downstream)
-        for client in self.ctx.clients:
+        for i, client in enumerate(self.ctx.clients):
             p_global = predict_proba(self.model, client.x_val)
             for j, k in enumerate(ks):
                 p_local = self.local_proba(client, client.x_val, k)
                 mixed = lams.view(-1, 1, 1).to(p_local) * p_local + (1 - lams.view(-1, 1, 1).to(p_local)) * p_global
-                val_acc[client.id, j] = (mixed.argmax(-1) == client.y_val).float().mean(-1).cpu()
+                val_acc[i, j] = (mixed.argmax(-1) == client.y_val).float().mean(-1).cpu()
         if self.cfg.lambda_selection == "global":
             flat = val_acc.mean(0).flatten().argmax().item()  # first maximum: the smallest k, lambda
             picks = [divmod(flat, len(lams))] * len(self.ctx.clients)
         else:
             picks = [divmod(val_acc[i].flatten().argmax().item(), len(lams)) for i in range(len(self.ctx.clients))]
-        self.choice = {c.id: {"k": int(ks[j]), "lambda": float(lams[l]), "val_acc": float(val_acc[c.id, j, l])}
-                       for c, (j, l) in zip(self.ctx.clients, picks)}
+        self.choice = {c.id: {"k": int(ks[j]), "lambda": float(lams[l]), "val_acc": float(val_acc[i, j, l])}
+                       for i, (c, (j, l)) in enumerate(zip(self.ctx.clients, picks))}
 
     def predict(self, client: ClientData, x: torch.Tensor) -> torch.Tensor:
         if not self.choice:  # during the rounds: the global model alone

@@ -1,0 +1,348 @@
+"""The methods on Flower (ServerApp + ClientApp, Message API), for hospitals running them across machines.
+
+Every step calls the hooks the simulated loop calls (federated/methods/base.py: FederatedMethod), so no
+algorithm exists twice. Per round the server broadcasts the shared model ("train"); each SuperNode's
+ClientApp rebuilds its method for its own client, restores the state kept in its Flower context
+(encoder, private code, optimisers, random streams, privacy ledger: never on the server), trains and
+replies with its payload and (noisy, for DP) size. After the last round: "query.release" (e.g.
+FedHypeVAE's DP class statistics) -> server `finalize` -> "evaluate" (the final broadcast; each client
+synthesises, trains its downstream classifier, audits its release and reports test metrics and ε spent).
+The server writes config.json, metrics.jsonl and results.json in train.py's layout and contract; it
+never opens a database. An interrupted Flower run starts again from round 0 (client state belongs to
+the Flower run); a finished run folder is skipped.
+
+Run config (pyproject.toml [tool.flwr.app.config]; `flwr run --run-config` overrides):
+  train-args       train.py's flags without --db: method, privacy, --rounds, --seed, --out (absolute), ...
+  client-dbs       simulation only: folder of client_<partition-id>/ databases
+  min-nodes        SuperNodes to wait for before the first round, and node-wait: for how many seconds
+  round-timeout    seconds to wait for the replies of one exchange
+  on-node-failure  "fail": stop with a message naming the node (finished rounds stay in metrics.jsonl);
+                   "continue": go on with the others (results.json lists the lost clients)
+Node config (`flower-supernode --node-config "client-db='/data/client_3'"`): the node's client database.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import shlex
+import time
+from dataclasses import dataclass
+from logging import ERROR, INFO, WARNING
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+import train
+from data.database import load_database
+from data.io import UserError, atomic_write_json, atomic_write_text, package_versions
+from data.partition import run_tag
+from federated.clients import client_from_database
+from federated.loop import RESULTS, METRICS, RunInfo, client_results, results_record, run_lock
+from federated.methods.base import FederatedMethod, RunContext
+
+FAILURE_POLICIES = ("fail", "continue")
+STATE_KEY = "method-state"
+
+
+@dataclass(frozen=True)
+class FlowerConfig:
+    train_args: str
+    client_dbs: str = ""
+    min_nodes: int = 2
+    node_wait: float = 120.0
+    round_timeout: float = 600.0
+    on_node_failure: str = "fail"
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> FlowerConfig:
+        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(run_config) - set(fields))
+        if unknown:
+            raise UserError(f"run config: unknown key(s) {unknown}; valid: {', '.join(sorted(fields))}")
+        if "train-args" not in run_config:
+            raise UserError("run config: 'train-args' (train.py's flags, e.g. \"--method dpcvae --out /abs/results\") is required")
+        values = {}
+        for key, value in run_config.items():
+            kind = {"int": int, "float": float, "str": str}[fields[key].type]
+            try:
+                values[fields[key].name] = kind(value)
+            except (TypeError, ValueError):
+                raise UserError(f"run config: {key} = {value!r} is not a valid {kind.__name__}") from None
+        cfg = cls(**values)
+        if cfg.on_node_failure not in FAILURE_POLICIES:
+            raise UserError(f"run config: on-node-failure = {cfg.on_node_failure!r}; valid: {', '.join(FAILURE_POLICIES)}")
+        if cfg.min_nodes < 1 or cfg.round_timeout <= 0 or cfg.node_wait < 0:
+            raise UserError("run config: min-nodes must be >= 1, round-timeout > 0 and node-wait >= 0")
+        return cfg
+
+
+def parse_train_args(text: str, db: Path | None) -> argparse.Namespace:
+    """train.py's flags from the run config, so both sides build exactly train.py's method config."""
+    argv = shlex.split(text)
+    if "--db" in argv:
+        raise UserError("run config train-args: leave out --db (each SuperNode reads its own client-db)")
+    parser = train.get_args_parser()
+
+    def refuse(message: str):
+        raise UserError(f"run config train-args: {message} (see python train.py --help)")
+    parser.error = refuse  # argparse would print usage and exit the ServerApp/ClientApp process
+    args = parser.parse_args([*argv, *(["--db", str(db)] if db else [])])
+    if len(args.seeds) != 1:
+        raise UserError(f"run config train-args: one --seed per Flower run, got {args.seeds}")
+    return args
+
+
+def method_of(args: argparse.Namespace) -> tuple[str, type[FederatedMethod], object]:
+    name, cls, cfg = train.method_setup(args)
+    if not getattr(cls, "distributed", False):
+        from federated.methods import METHODS
+        valid = sorted(n for n, c in METHODS.items() if getattr(c, "distributed", False))
+        raise UserError(f"--method {name} does not run on Flower; valid: {', '.join(valid)}")
+    return name, cls, cfg
+
+
+# --- client -----------------------------------------------------------------------------------------
+client_app = ClientApp()
+
+
+def client_db_path(context: Context) -> Path:
+    if "client-db" in context.node_config:
+        return Path(str(context.node_config["client-db"]))
+    dbs = str(context.run_config.get("client-dbs", ""))
+    if dbs and "partition-id" in context.node_config:  # the simulation engine numbers its virtual nodes
+        return Path(dbs) / f"client_{int(context.node_config['partition-id'])}"
+    raise UserError("this SuperNode has no client database: start it with "
+                    "--node-config \"client-db='/path/to/client_<id>'\" (data/partition.py --client-dbs)")
+
+
+def open_client(context: Context) -> FederatedMethod:
+    """This node's method, for its one client, with the state it kept from earlier messages."""
+    cfg = FlowerConfig.from_run_config(context.run_config)
+    path = client_db_path(context)
+    args = parse_train_args(cfg.train_args, path)
+    _, cls, method_cfg = method_of(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    db = load_database(path)
+    device = torch.device(args.device)
+    ctx = RunContext(clients=[client_from_database(db, device)], n_classes=len(db.classes), dim=db.dim,
+                     seed=args.seeds[0], rounds=args.rounds, device=device)
+    method = cls(ctx, method_cfg)
+    if STATE_KEY in context.state:
+        blob = context.state[STATE_KEY]["state"]
+        method.load_state_dict(torch.load(io.BytesIO(blob), map_location=device, weights_only=True))
+    return method
+
+
+def keep_state(context: Context, method: FederatedMethod) -> None:
+    buf = io.BytesIO()
+    torch.save(method.state_dict(), buf)
+    context.state[STATE_KEY] = ConfigRecord({"state": buf.getvalue()})
+
+
+@client_app.query("hello")
+def hello(msg: Message, context: Context) -> Message:
+    path = client_db_path(context)
+    db = load_database(path)
+    info = db.manifest.get("client")
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: not a client database; write one with data/partition.py --client-dbs")
+    about = {"id": int(info["id"]), "n_clients": int(info["n_clients"]), "seed": int(info["seed"]),
+             "split": info["split"], "dataset": db.manifest.get("dataset") or "", "dim": db.dim,
+             "classes": db.classes, "backbone": db.manifest.get("backbone") or ""}
+    return Message(RecordDict({"about": ConfigRecord({"json": json.dumps(about)})}), reply_to=msg)
+
+
+@client_app.train()
+def train_round(msg: Message, context: Context) -> Message:
+    method = open_client(context)
+    method.receive(msg.content["shared"].to_torch_state_dict())
+    [(payload, loss)] = method.train_clients([0], int(msg.content["config"]["round"]))
+    keep_state(context, method)
+    return Message(RecordDict({"payload": ArrayRecord(payload),
+                               "metrics": MetricRecord({"train_loss": float(loss), "weight": method.upload_weight(0)})}),
+                   reply_to=msg)
+
+
+@client_app.query("release")
+def release(msg: Message, context: Context) -> Message:
+    method = open_client(context)
+    released = method.client_release(0)
+    keep_state(context, method)  # the ledger now holds the release
+    return Message(RecordDict({"release": ArrayRecord(released)}), reply_to=msg)
+
+
+@client_app.evaluate()
+def finish(msg: Message, context: Context) -> Message:
+    method = open_client(context)
+    method.receive_final(msg.content["final"].to_torch_state_dict())
+    method.finish_clients()
+    [result] = client_results(method)
+    out = {"client": result, "report": method.report()}
+    return Message(RecordDict({"result": ConfigRecord({"json": json.dumps(out)})}), reply_to=msg)
+
+
+# --- server -----------------------------------------------------------------------------------------
+server_app = ServerApp()
+
+
+class NodeFailure(UserError):
+    pass
+
+
+def wait_for_nodes(grid: Grid, n: int, seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= n:
+            return nodes
+        if time.monotonic() > deadline:
+            raise UserError(f"only {len(nodes)} of min-nodes = {n} SuperNodes connected within node-wait = "
+                            f"{seconds:g} s; start the others or lower min-nodes")
+        time.sleep(1.0)
+
+
+def exchange(grid: Grid, nodes: list[int], message_type: str, content: dict, timeout: float,
+             group: str) -> tuple[dict[int, RecordDict], dict[int, str]]:
+    """Sends `content` (record name -> record) to every node: (replies by node, failures by node)."""
+    msgs = [Message(RecordDict(dict(content)), dst_node_id=node, message_type=message_type, group_id=group)
+            for node in nodes]
+    replies, failed = {}, {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            failed[node] = f"error {reply.error.code}: {reply.error.reason}".strip()
+        else:
+            replies[node] = reply.content
+    for node in nodes:
+        if node not in replies and node not in failed:
+            failed[node] = f"no reply within round-timeout = {timeout:g} s (node gone?)"
+    return replies, failed
+
+
+class Federation:
+    """The server's view: live nodes -> client ids, the failure policy, and what was lost."""
+
+    def __init__(self, grid: Grid, cfg: FlowerConfig, clients: dict[int, int]) -> None:
+        self.grid, self.cfg, self.clients = grid, cfg, dict(clients)
+        self.lost: list[dict] = []
+
+    def ask(self, message_type: str, content: dict, stage: str) -> list[tuple[int, RecordDict]]:
+        """(client id, reply) of the live nodes, in client order; a failure stops or drops the node."""
+        replies, failed = exchange(self.grid, sorted(self.clients), message_type, content, self.cfg.round_timeout, stage)
+        for node, why in sorted(failed.items()):
+            client = self.clients.pop(node)
+            what = f"SuperNode {node} (client {client}) failed at {stage}: {why}"
+            if self.cfg.on_node_failure == "fail":
+                raise NodeFailure(f"{what}; stopping (on-node-failure = fail; finished rounds are in metrics.jsonl)")
+            log(WARNING, "%s; continuing without it (on-node-failure = continue)", what)
+            self.lost.append({"client": client, "node": node, "stage": stage, "reason": why})
+        if not self.clients:
+            raise NodeFailure(f"no SuperNode left at {stage}")
+        return sorted(((self.clients[node], reply) for node, reply in replies.items()), key=lambda r: r[0])
+
+
+def introduce(grid: Grid, cfg: FlowerConfig, seed: int) -> tuple[dict[int, int], dict]:
+    """Node -> client id, and what all clients' databases agree on (dataset, dim, classes, split)."""
+    nodes = wait_for_nodes(grid, cfg.min_nodes, cfg.node_wait)
+    replies, failed = exchange(grid, nodes, "query.hello", {}, cfg.round_timeout, "hello")
+    if failed:
+        raise UserError("SuperNode(s) could not open their client database: "
+                        + "; ".join(f"{n}: {why}" for n, why in sorted(failed.items())))
+    about = {node: json.loads(r["about"]["json"]) for node, r in replies.items()}
+    ids = sorted(a["id"] for a in about.values())
+    if len(set(ids)) != len(ids):
+        raise UserError(f"two SuperNodes hold the same client database (client ids {ids}); give each its own client-db")
+    shared = {k: about[nodes[0]][k] for k in ("dataset", "dim", "classes", "split", "seed", "n_clients", "backbone")}
+    for node, a in about.items():
+        differ = [k for k in shared if a[k] != shared[k]]
+        if differ:
+            raise UserError(f"SuperNode {node}'s client database differs from the others in {differ}: "
+                            "write all client databases with one data/partition.py --client-dbs call")
+    if shared["seed"] != seed:
+        raise UserError(f"the client databases were written for --seed {shared['seed']} (it picks the validation "
+                        f"split), train-args has --seed {seed}; use the same seed")
+    return {node: a["id"] for node, a in about.items()}, shared
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from the clients' own: per-client privacy ledgers side by side, releases audited per client."""
+    if not reports or not reports[0]:
+        return {}
+    merged = {k: v for k, v in reports[0].items() if k not in ("fidelity", "audit")}
+    if "privacy" in merged:
+        clients = [c for r in reports for c in r["privacy"]["clients"]]
+        spent = [c["epsilon_spent"] for c in clients if c.get("epsilon_spent") is not None]
+        merged["privacy"] = {**merged["privacy"], "clients": clients, "epsilon_spent_max": max(spent) if spent else None}
+    if "fidelity" in reports[0]:  # each hospital audits its own release against its own held-out records
+        merged["release_eval_per_client"] = [{"id": r["privacy"]["clients"][0]["id"], "fidelity": r["fidelity"],
+                                              "audit": r["audit"]} for r in reports]
+    return merged
+
+
+def run_server(grid: Grid, cfg: FlowerConfig) -> Path:
+    args = parse_train_args(cfg.train_args, None)
+    name, cls, method_cfg = method_of(args)
+    seed = args.seeds[0]
+    clients, about = introduce(grid, cfg, seed)
+    split = about["split"]
+    dataset = args.dataset_name or about["dataset"] or "dataset"
+    tag = args.tag or run_tag(split["kind"], split["alpha"], split["n_clients"])
+    run_dir = Path(args.out) / dataset / name / tag / f"seed={seed}"
+    if (run_dir / RESULTS).exists():
+        log(INFO, "%s: finished, skipped", run_dir)
+        return run_dir
+    with run_lock(run_dir):
+        atomic_write_json(run_dir / "config.json", {
+            "method": name, "seed": seed, "runtime": "flower", "flower": dataclasses.asdict(cfg),
+            "method_config": dataclasses.asdict(method_cfg), "split": split, "clients": sorted(clients.values()),
+            "database": {k: about[k] for k in ("dataset", "backbone", "dim")}, "git_commit": train.git_commit(),
+            "packages": package_versions()})
+        tic = time.perf_counter()
+        ctx = RunContext(clients=[], n_classes=len(about["classes"]), dim=about["dim"], seed=seed,
+                         rounds=args.rounds, device=torch.device("cpu"))
+        method = cls(ctx, method_cfg)  # the server's part: the shared model, no client
+        fed = Federation(grid, cfg, clients)
+        history: list[dict] = []
+        atomic_write_text(run_dir / METRICS, "")
+        for rnd in range(args.rounds):
+            content = {"shared": ArrayRecord(method.shared_state()), "config": ConfigRecord({"round": rnd})}
+            replies = fed.ask("train", content, f"round {rnd}")
+            payloads = [ctx.uplink.send(c, r["payload"].to_torch_state_dict()) for c, r in replies]
+            sizes = {c: float(r["metrics"]["weight"]) for c, r in replies}
+            weights = method.normalized(list(sizes.values()))
+            method.receive(method.aggregate(payloads, weights))
+            losses = [float(r["metrics"]["train_loss"]) for _, r in replies]
+            history.append({"round": rnd, "train_loss": sum(losses) / len(losses), "clients": len(replies)})
+            atomic_write_text(run_dir / METRICS, "".join(json.dumps(m, sort_keys=True) + "\n" for m in history))
+            log(INFO, "[%s] round %d/%d: train_loss %.4g from %d clients", name, rnd + 1, args.rounds,
+                history[-1]["train_loss"], len(replies))
+        replies = fed.ask("query.release", {}, "release")
+        released = [r["release"].to_torch_state_dict() for _, r in replies]
+        released = [ctx.uplink.send(c, r) if r else r for (c, _), r in zip(replies, released)]
+        final = method.finalize(released, method.normalized([sizes[c] for c, _ in replies]))
+        replies = fed.ask("evaluate", {"final": ArrayRecord(final)}, "final evaluation")
+        outs = [json.loads(r["result"]["json"]) for _, r in replies]
+        info = RunInfo(method=name, dataset=dataset, seed=seed, split=train.split_info(split))
+        results = results_record(info, rounds=args.rounds, clients=[o["client"] for o in outs],
+                                 uplink_bytes=ctx.uplink.bytes_sent, report=merge_reports([o["report"] for o in outs]),
+                                 wall_s=time.perf_counter() - tic)
+        results["flower"] = {"nodes": len(clients), "lost_clients": fed.lost}
+        atomic_write_json(run_dir / RESULTS, results)
+    log(INFO, "[%s] results: %s (bacc %.4f)", name, run_dir / RESULTS, results["summary"]["bacc_mean"])
+    return run_dir
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    try:
+        run_server(grid, FlowerConfig.from_run_config(context.run_config))
+    except UserError as err:  # one clear line first; Flower then marks the run failed with the same message
+        log(ERROR, "%s", err)
+        raise

@@ -1,0 +1,329 @@
+"""The Flower app (federated/flower_app.py): a real SuperLink and SuperNode processes on loopback, Flower's
+simulation engine with 10 virtual clients, SuperNodes dying mid-run, and agreement with the simulated loop."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, write_db
+
+import train
+from data.database import load_database
+from data.io import UserError
+from data.partition import SplitConfig, get_args_parser as partition_args, main as partition_main
+from federated import flower_app
+from federated.clients import build_clients, client_from_database
+from federated.methods import METHODS
+from flwr.app import Context, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode of this environment
+SEED = 1
+FLOWER_TIMEOUT = 420  # seconds one `flwr run` may take before the test fails
+
+
+def write_client_dbs(db: Path, out: Path, n_clients: int, kind: str = "dirichlet") -> Path:
+    partition_main(partition_args().parse_args(["--db", str(db), "--kind", kind, "--n-clients", str(n_clients),
+                                                "--seed", str(SEED), "--client-dbs", str(out)]))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Federation:
+    """A SuperLink and SuperNodes as separate processes (each in its own process group), driven by `flwr run`."""
+
+    def __init__(self, root: Path, *, simulation: bool = False) -> None:
+        self.root, self.port = root, free_port()
+        home = root / "flwr-home"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+                                          f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        self.env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                    "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.start("superlink", [BIN / "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+                                 *(["--simulation"] if simulation else [])])
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            if time.monotonic() > deadline or self.procs["superlink"].poll() is not None:
+                raise RuntimeError(f"SuperLink did not start: {self.log('superlink')}")
+            time.sleep(0.5)
+
+    def start(self, name: str, argv: list) -> None:
+        with open(self.root / f"{name}.log", "w") as log:
+            self.procs[name] = subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT,
+                                                env=self.env, start_new_session=True)
+
+    def start_node(self, client_db: Path) -> None:
+        self.start(f"node-{client_db.name}", [BIN / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                                              "--port", free_port(), "--node-config", f"client-db='{client_db}'"])
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the node and any ClientApp process it started
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.kill(name)
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text()[-3000:]
+
+    def flwr_run(self, train_args: str, config: dict, virtual_nodes: int) -> list:
+        config = {"train-args": train_args, "node-wait": 120, **config}
+        overrides = " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in config.items())
+        simulation = ["--federation-config", f"num-supernodes={virtual_nodes}"] if virtual_nodes else []
+        return [BIN / "flwr", "run", ROOT, "test", "--run-config", overrides, *simulation, "--stream"]
+
+    def run(self, train_args: str, virtual_nodes: int = 0, **config) -> subprocess.CompletedProcess:
+        return subprocess.run(self.flwr_run(train_args, config, virtual_nodes), env=self.env, capture_output=True,
+                              text=True, timeout=FLOWER_TIMEOUT)
+
+    def run_in_background(self, train_args: str, **config) -> subprocess.Popen:
+        return subprocess.Popen(self.flwr_run(train_args, config, 0), env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def hospitals(tmp_path_factory):
+    """A SuperLink and three SuperNodes, each with its own client database (3 clients of one split)."""
+    root = tmp_path_factory.mktemp("hospitals")
+    db = write_db(root / "db", n=600, dim=16, n_classes=3, spread=2.5)
+    clients = write_client_dbs(db, root / "clients", 3)
+    fed = Federation(root)
+    fed.db, fed.clients = db, clients
+    try:
+        for i in range(3):
+            fed.start_node(clients / f"client_{i}")
+        yield fed
+    finally:
+        fed.close()
+
+
+def wait_for_rounds(metrics: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= n):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, f"no round {n} within {timeout} s"
+        time.sleep(0.5)
+
+
+# --- fast checks ---------------------------------------------------------------------------------------
+def test_client_databases_hold_exactly_the_simulated_clients(tmp_path):
+    db = write_db(tmp_path / "db", n_classes=3)
+    dbs = write_client_dbs(db, tmp_path / "clients", 3)
+    simulated = build_clients(load_database(db), SplitConfig(n_clients=3), SEED, torch.device("cpu"))
+    for c in simulated:
+        node = client_from_database(load_database(dbs / f"client_{c.id}"), torch.device("cpu"))
+        assert node.id == c.id
+        for attr in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+            assert torch.equal(getattr(node, attr), getattr(c, attr)), attr
+
+
+def test_a_plain_database_is_refused_as_a_client_database(tiny_db):
+    with pytest.raises(UserError, match="not a client database"):
+        client_from_database(load_database(tiny_db), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"train-args": "--method dpcvae", "rounds": 3}, "unknown key"),
+    ({"min-nodes": 2}, "'train-args'"),
+    ({"train-args": "--method dpcvae", "on-node-failure": "retry"}, "valid: fail, continue"),
+    ({"train-args": "--method dpcvae", "round-timeout": "soon"}, "round-timeout"),
+])
+def test_bad_run_config_is_one_clear_error(config, message):
+    with pytest.raises(UserError, match=message):
+        flower_app.FlowerConfig.from_run_config(config)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("--method dpcvae --db x", "leave out --db"),
+    ("--method dpcvae --seeds 1 2", "one --seed"),
+    ("--method dpcvae --rounds", "--rounds: expected one argument"),
+])
+def test_bad_train_args_are_one_clear_error(flags, message):
+    with pytest.raises(UserError, match=message):
+        flower_app.parse_train_args(flags, None)
+
+
+def test_methods_that_pool_clients_are_refused_with_the_valid_ones():
+    with pytest.raises(UserError, match="does not run on Flower; valid: dpcgan, dpcvae, fedavg, fedhypevae, fedprox"):
+        flower_app.method_of(flower_app.parse_train_args("--method fedlambda", None))
+
+
+# --- real processes ----------------------------------------------------------------------------------
+def simulated(db: Path, out: Path, flags: str) -> dict:
+    args = train.get_args_parser().parse_args(["--db", str(db), "--out", str(out), "--no-progress", *flags.split()])
+    assert train.main(args) == 0
+    return json.loads(next(out.rglob("results.json")).read_text())
+
+
+def test_dpcvae_on_three_supernodes_agrees_with_the_simulated_loop(hospitals, tmp_path):
+    flags = f"--method dpcvae --rounds 2 --epsilon 1 --gen-batch-size 64 --seed {SEED} --threads 1 --n-clients 3"
+    done = hospitals.run(f"{flags} --out {tmp_path / 'flower'}", **{"min-nodes": 3})
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_dir = next((tmp_path / "flower").rglob("results.json")).parent
+    assert run_dir.relative_to(tmp_path / "flower").as_posix() == f"toy/dpcvae/dirichlet_a0.3_c3/seed={SEED}"
+    flower = json.loads((run_dir / "results.json").read_text())
+    sim = simulated(hospitals.db, tmp_path / "sim", flags)
+    # every client's computation is the simulated one: same metrics, same privacy ledger, same losses
+    assert flower["clients"] == sim["clients"]
+    assert flower["summary"] == sim["summary"]
+    for key in ("epsilon_spent", "noise_multiplier", "sample_rate", "steps", "history", "releases", "n_synthetic"):
+        assert [c[key] for c in flower["privacy"]["clients"]] == [c[key] for c in sim["privacy"]["clients"]], key
+    assert flower["privacy"]["epsilon_spent_max"] == sim["privacy"]["epsilon_spent_max"] <= 1.0
+    losses = [json.loads(line)["train_loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    sim_dir = next((tmp_path / "sim").rglob("metrics.jsonl"))
+    assert losses == [json.loads(line)["train_loss"] for line in sim_dir.read_text().splitlines()]
+    # the same payloads crossed the network (the simulation also counts the 4-byte size releases)
+    assert flower["communication"]["uplink_bytes_total"] == sim["communication"]["uplink_bytes_total"] - 4 * 3
+    assert [e["id"] for e in flower["release_eval_per_client"]] == [0, 1, 2]
+    assert flower["flower"] == {"nodes": 3, "lost_clients": []}
+    # the results contract: experiments/tables.py reads Flower runs like simulated ones
+    table = subprocess.run([sys.executable, ROOT / "experiments" / "tables.py", "--results", tmp_path / "flower",
+                            "--dataset", "toy", "--out", tmp_path / "t"], capture_output=True, text=True)
+    assert table.returncode == 0, table.stderr
+    assert "DP-CVAE" in (tmp_path / "t.md").read_text()
+
+
+def test_a_supernode_dying_mid_run_is_dropped_when_configured_to_continue(hospitals, tmp_path):
+    flags = f"--method fedavg --rounds 2 --seed {SEED} --threads 1 --n-clients 3 --out {tmp_path}"
+    proc = hospitals.run_in_background(flags, **{"min-nodes": 3, "round-timeout": 30, "on-node-failure": "continue"})
+    metrics = tmp_path / f"toy/fedavg/dirichlet_a0.3_c3/seed={SEED}/metrics.jsonl"
+    try:
+        wait_for_rounds(metrics, 1, proc)
+        hospitals.kill("node-client_2")
+        out, _ = proc.communicate(timeout=FLOWER_TIMEOUT)
+    finally:
+        proc.kill()
+        hospitals.start_node(hospitals.clients / "client_2")
+    results = json.loads((metrics.parent / "results.json").read_text())
+    assert [c["id"] for c in results["clients"]] == [0, 1], out
+    assert [lost["client"] for lost in results["flower"]["lost_clients"]] == [2]
+    assert [json.loads(line)["clients"] for line in metrics.read_text().splitlines()] == [3, 2]
+    assert "(client 2) failed at round" in out and "continuing without it" in out
+
+
+def test_a_supernode_dying_mid_run_stops_it_with_a_clear_message_when_configured_to_fail(hospitals, tmp_path):
+    flags = f"--method fedavg --rounds 2 --seed {SEED} --threads 1 --n-clients 3 --out {tmp_path}"
+    proc = hospitals.run_in_background(flags, **{"min-nodes": 3, "round-timeout": 30, "on-node-failure": "fail"})
+    metrics = tmp_path / f"toy/fedavg/dirichlet_a0.3_c3/seed={SEED}/metrics.jsonl"
+    try:
+        wait_for_rounds(metrics, 1, proc)
+        hospitals.kill("node-client_1")
+        out, _ = proc.communicate(timeout=FLOWER_TIMEOUT)
+    finally:
+        proc.kill()
+        hospitals.start_node(hospitals.clients / "client_1")
+    assert "(client 1) failed at round" in out and "on-node-failure = fail" in out, out
+    assert not (metrics.parent / "results.json").exists()
+    assert len(metrics.read_text().splitlines()) >= 1  # finished rounds are kept
+
+
+def test_the_simulation_engine_runs_the_app_with_ten_virtual_clients(tmp_path):
+    db = write_db(tmp_path / "db", n=1500, dim=16, n_classes=3, spread=3.0)
+    dbs = write_client_dbs(db, tmp_path / "clients", 10, kind="iid")
+    fed = Federation(tmp_path, simulation=True)
+    flags = f"--method fedavg --split iid --rounds 3 --seed {SEED} --threads 1 --n-clients 10"
+    try:
+        done = fed.run(f"{flags} --out {tmp_path / 'flower'}", virtual_nodes=10, **{"client-dbs": str(dbs), "min-nodes": 10})
+    finally:
+        fed.close()
+    assert done.returncode == 0, done.stdout + done.stderr
+    flower = json.loads(next((tmp_path / "flower").rglob("results.json")).read_text())
+    sim = simulated(db, tmp_path / "sim", flags)
+    assert [c["id"] for c in flower["clients"]] == list(range(10))
+    assert flower["clients"] == sim["clients"]
+
+
+# --- every distributed method, in one process --------------------------------------------------------
+class InProcessGrid:
+    """Flower's Grid contract without processes: each node runs the ClientApp on its own Context (its
+    state kept across messages as on a SuperNode); records are (de)serialised as on the wire."""
+
+    def __init__(self, client_dbs: list[Path], run_config: dict, fail: dict[int, str] | None = None) -> None:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # as in a ServerApp process
+        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"client-db": str(p)},
+                                          state=RecordDict(), run_config=run_config) for i, p in enumerate(client_dbs)}
+        self.fail = fail or {}  # node -> the stage (message group) at which it disappears
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if self.fail.get(node) == msg.metadata.group_id:
+                self.contexts.pop(node)
+                continue
+            if node in self.contexts:
+                replies.append(flower_app.client_app(message=msg, context=self.contexts[node]))
+        return replies
+
+
+def in_process_run(client_dbs: Path, flags: str, fail: dict[int, str] | None = None, **config) -> tuple[Path, dict]:
+    dbs = sorted(client_dbs.glob("client_*"))
+    run_config = {"train-args": flags, "min-nodes": len(dbs), "node-wait": 0, **config}
+    run_dir = flower_app.run_server(InProcessGrid(dbs, run_config, fail), flower_app.FlowerConfig.from_run_config(run_config))
+    return run_dir, json.loads((run_dir / "results.json").read_text())
+
+
+DISTRIBUTED = sorted(name for name, cls in METHODS.items() if getattr(cls, "distributed", False))
+SMALL_DP = "--accountant rdp --gen-batch-size 64 --gen-local-epochs 1 --latent 8 --cvae-hidden 32"
+EXTRA = {"dpcvae": SMALL_DP, "dpcgan": SMALL_DP,
+         "fedhypevae": f"{SMALL_DP} --code-dim 3 --hyper-hidden 8 --prior-hidden 8 --label-dim 2 --mmd-samples 2 "
+                       "--meta-steps 20 --meta-samples 8"}
+
+
+@pytest.mark.parametrize("method", DISTRIBUTED)
+def test_every_distributed_method_on_flower_equals_the_simulated_loop(tmp_path, method):
+    db = write_db(tmp_path / "db", n=400, dim=16, n_classes=3, spread=2.5)
+    dbs = write_client_dbs(db, tmp_path / "clients", 3)
+    flags = f"--method {method} --rounds 2 --seed {SEED} --n-clients 3 --downstream-epochs 10 {EXTRA.get(method, '')}"
+    run_dir, flower = in_process_run(dbs, f"{flags} --out {tmp_path / 'flower'}")
+    sim = simulated(db, tmp_path / "sim", flags)
+    assert flower["clients"] == sim["clients"]
+    losses = [json.loads(line)["train_loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    sim_losses = [json.loads(line)["train_loss"] for line in next((tmp_path / "sim").rglob("metrics.jsonl")).read_text().splitlines()]
+    # the simulation trains FedAvg/FedProx clients in one batched step, Flower each alone: equal up to float rounding
+    assert losses == (sim_losses if "privacy" in sim else pytest.approx(sim_losses, rel=1e-6))
+    if "privacy" in sim:
+        assert flower["privacy"]["clients"] == [{k: v for k, v in c.items()} for c in sim["privacy"]["clients"]]
+    if method == "fedhypevae":
+        assert flower["meta_code"] == sim["meta_code"]
+
+
+@pytest.mark.parametrize("policy", ["continue", "fail"])
+def test_a_node_lost_mid_run_continues_or_stops_as_configured(tmp_path, policy):
+    db = write_db(tmp_path / "db", n=400, dim=16, n_classes=3)
+    dbs = write_client_dbs(db, tmp_path / "clients", 3)
+    flags = f"--method fedavg --rounds 3 --seed {SEED} --n-clients 3 --out {tmp_path}"
+    if policy == "fail":
+        with pytest.raises(UserError, match=r"SuperNode 101 \(client 1\) failed at round 1: no reply .*on-node-failure = fail"):
+            in_process_run(dbs, flags, fail={101: "round 1"}, **{"on-node-failure": policy})
+        return
+    _, results = in_process_run(dbs, flags, fail={101: "round 1"}, **{"on-node-failure": policy})
+    assert [c["id"] for c in results["clients"]] == [0, 2]
+    assert results["flower"]["lost_clients"][0]["client"] == 1
