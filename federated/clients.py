@@ -39,12 +39,18 @@ def build_clients(db: Database, split: SplitConfig, seed: int, device: torch.dev
             for i, s in enumerate(split_clients(db.labels, db.groups, split, seed))]
 
 
+def client_info(db: Database) -> dict:
+    """The manifest's "client" block of a client database: id, n_clients, split, seed, source."""
+    info = db.manifest.get("client")
+    if not isinstance(info, dict) or not {"id", "n_clients", "split", "seed"} <= set(info):
+        raise UserError(f"{db.path}: not a client database (its manifest has no complete 'client' block); "
+                        "write one with data/partition.py --client-dbs")
+    return info
+
+
 def client_from_database(db: Database, device: torch.device) -> ClientData:
     """The one client a client database (data/partition.py --client-dbs) holds, under its own id."""
-    info = db.manifest.get("client")
-    if not isinstance(info, dict) or "id" not in info:
-        raise UserError(f"{db.path}: not a client database (its manifest has no 'client' block); "
-                        "write one with data/partition.py --client-dbs")
+    info = client_info(db)
     x, y = torch.from_numpy(db.embeddings), torch.from_numpy(db.labels)
     parts = []
     for k in range(len(SPLITS)):

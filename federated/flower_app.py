@@ -18,7 +18,8 @@ Run config (pyproject.toml [tool.flwr.app.config]; `flwr run --run-config` overr
   round-timeout    seconds to wait for the replies of one exchange
   on-node-failure  "fail": stop with a message naming the node (finished rounds stay in metrics.jsonl);
                    "continue": go on with the others (results.json lists the lost clients)
-Node config (`flower-supernode --node-config "client-db='/data/client_3'"`): the node's client database.
+Node config (`flower-supernode --node-config "client-db='/data/client_3' device='cuda'"`): the node's client
+database and, optionally, its own device (default: train-args' --device).
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ import train
 from data.database import load_database
 from data.io import UserError, atomic_write_json, atomic_write_text, package_versions
 from data.partition import run_tag
-from federated.clients import client_from_database
+from federated.clients import client_from_database, client_info
+from federated.methods import METHODS
 from federated.loop import RESULTS, METRICS, RunInfo, client_results, results_record, run_lock
 from federated.methods.base import FederatedMethod, RunContext
 
@@ -101,7 +103,6 @@ def parse_train_args(text: str, db: Path | None) -> argparse.Namespace:
 def method_of(args: argparse.Namespace) -> tuple[str, type[FederatedMethod], object]:
     name, cls, cfg = train.method_setup(args)
     if not getattr(cls, "distributed", False):
-        from federated.methods import METHODS
         valid = sorted(n for n, c in METHODS.items() if getattr(c, "distributed", False))
         raise UserError(f"--method {name} does not run on Flower; valid: {', '.join(valid)}")
     return name, cls, cfg
@@ -130,7 +131,7 @@ def open_client(context: Context) -> FederatedMethod:
     if args.threads:
         torch.set_num_threads(args.threads)
     db = load_database(path)
-    device = torch.device(args.device)
+    device = torch.device(str(context.node_config.get("device", args.device)))  # a hospital's own GPU
     ctx = RunContext(clients=[client_from_database(db, device)], n_classes=len(db.classes), dim=db.dim,
                      seed=args.seeds[0], rounds=args.rounds, device=device)
     method = cls(ctx, method_cfg)
@@ -148,11 +149,8 @@ def keep_state(context: Context, method: FederatedMethod) -> None:
 
 @client_app.query("hello")
 def hello(msg: Message, context: Context) -> Message:
-    path = client_db_path(context)
-    db = load_database(path)
-    info = db.manifest.get("client")
-    if not isinstance(info, dict):
-        raise UserError(f"{path}: not a client database; write one with data/partition.py --client-dbs")
+    db = load_database(client_db_path(context))
+    info = client_info(db)
     about = {"id": int(info["id"]), "n_clients": int(info["n_clients"]), "seed": int(info["seed"]),
              "split": info["split"], "dataset": db.manifest.get("dataset") or "", "dim": db.dim,
              "classes": db.classes, "backbone": db.manifest.get("backbone") or ""}

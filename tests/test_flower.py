@@ -29,6 +29,7 @@ from flwr.supercore.task_identity import TaskIdentity
 BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode of this environment
 SEED = 1
 FLOWER_TIMEOUT = 420  # seconds one `flwr run` may take before the test fails
+SMALL_DP = "--accountant rdp --gen-batch-size 64 --gen-local-epochs 1 --latent 8 --cvae-hidden 32"
 
 
 def write_client_dbs(db: Path, out: Path, n_clients: int, kind: str = "dirichlet") -> Path:
@@ -180,7 +181,7 @@ def simulated(db: Path, out: Path, flags: str) -> dict:
 
 
 def test_dpcvae_on_three_supernodes_agrees_with_the_simulated_loop(hospitals, tmp_path):
-    flags = f"--method dpcvae --rounds 2 --epsilon 1 --gen-batch-size 64 --seed {SEED} --threads 1 --n-clients 3"
+    flags = f"--method dpcvae --rounds 2 --epsilon 1 {SMALL_DP} --seed {SEED} --threads 1 --n-clients 3"
     done = hospitals.run(f"{flags} --out {tmp_path / 'flower'}", **{"min-nodes": 3})
     assert done.returncode == 0, done.stdout + done.stderr
     run_dir = next((tmp_path / "flower").rglob("results.json")).parent
@@ -209,7 +210,7 @@ def test_dpcvae_on_three_supernodes_agrees_with_the_simulated_loop(hospitals, tm
 
 def test_a_supernode_dying_mid_run_is_dropped_when_configured_to_continue(hospitals, tmp_path):
     flags = f"--method fedavg --rounds 2 --seed {SEED} --threads 1 --n-clients 3 --out {tmp_path}"
-    proc = hospitals.run_in_background(flags, **{"min-nodes": 3, "round-timeout": 30, "on-node-failure": "continue"})
+    proc = hospitals.run_in_background(flags, **{"min-nodes": 3, "round-timeout": 45, "on-node-failure": "continue"})
     metrics = tmp_path / f"toy/fedavg/dirichlet_a0.3_c3/seed={SEED}/metrics.jsonl"
     try:
         wait_for_rounds(metrics, 1, proc)
@@ -223,22 +224,6 @@ def test_a_supernode_dying_mid_run_is_dropped_when_configured_to_continue(hospit
     assert [lost["client"] for lost in results["flower"]["lost_clients"]] == [2]
     assert [json.loads(line)["clients"] for line in metrics.read_text().splitlines()] == [3, 2]
     assert "(client 2) failed at round" in out and "continuing without it" in out
-
-
-def test_a_supernode_dying_mid_run_stops_it_with_a_clear_message_when_configured_to_fail(hospitals, tmp_path):
-    flags = f"--method fedavg --rounds 2 --seed {SEED} --threads 1 --n-clients 3 --out {tmp_path}"
-    proc = hospitals.run_in_background(flags, **{"min-nodes": 3, "round-timeout": 30, "on-node-failure": "fail"})
-    metrics = tmp_path / f"toy/fedavg/dirichlet_a0.3_c3/seed={SEED}/metrics.jsonl"
-    try:
-        wait_for_rounds(metrics, 1, proc)
-        hospitals.kill("node-client_1")
-        out, _ = proc.communicate(timeout=FLOWER_TIMEOUT)
-    finally:
-        proc.kill()
-        hospitals.start_node(hospitals.clients / "client_1")
-    assert "(client 1) failed at round" in out and "on-node-failure = fail" in out, out
-    assert not (metrics.parent / "results.json").exists()
-    assert len(metrics.read_text().splitlines()) >= 1  # finished rounds are kept
 
 
 def test_the_simulation_engine_runs_the_app_with_ten_virtual_clients(tmp_path):
@@ -291,7 +276,6 @@ def in_process_run(client_dbs: Path, flags: str, fail: dict[int, str] | None = N
 
 
 DISTRIBUTED = sorted(name for name, cls in METHODS.items() if getattr(cls, "distributed", False))
-SMALL_DP = "--accountant rdp --gen-batch-size 64 --gen-local-epochs 1 --latent 8 --cvae-hidden 32"
 EXTRA = {"dpcvae": SMALL_DP, "dpcgan": SMALL_DP,
          "fedhypevae": f"{SMALL_DP} --code-dim 3 --hyper-hidden 8 --prior-hidden 8 --label-dim 2 --mmd-samples 2 "
                        "--meta-steps 20 --meta-samples 8"}
