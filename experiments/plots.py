@@ -81,14 +81,16 @@ def plot_sweep(groups: dict, out: Path) -> None:
     def x_of(e):
         return e if math.isfinite(e) else nodp_x
     fig, (ax_u, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
-    for method in sorted(points, key=method_rank):
+    for j, method in enumerate(sorted(points, key=method_rank)):
+        colour = plt.cm.tab10(j % 10)  # one colour per method in both panels
         eps = sorted(points[method])
         xs = [x_of(e) for e in eps]
         bacc = [100 * np.mean([np.mean([c["bacc"] for c in r["clients"]]) for r in points[method][e]]) for e in eps]
-        ax_u.plot(xs, bacc, "o-", label=METHOD_NAMES.get(method, method))
+        ax_u.plot(xs, bacc, "o-", color=colour, label=METHOD_NAMES.get(method, method))
         for attack, style in zip(ATTACKS, ("o-", "s--")):
             auc = [np.mean([r["audit"][attack]["auc"] for r in points[method][e] if "audit" in r] or [np.nan]) for e in eps]
-            ax_a.plot(xs, auc, style, label=f"{METHOD_NAMES.get(method, method)}, {ATTACKS[attack]}")
+            if not np.isnan(auc).all():  # runs made before the audit existed have nothing to draw
+                ax_a.plot(xs, auc, style, color=colour, label=f"{METHOD_NAMES.get(method, method)}, {ATTACKS[attack]}")
     ticks = finite + [nodp_x]
     for ax in (ax_u, ax_a):
         ax.set_xscale("log")
@@ -99,6 +101,8 @@ def plot_sweep(groups: dict, out: Path) -> None:
     ax_u.set_ylabel("balanced accuracy (%), mean over clients and seeds")
     ax_a.set_ylabel("membership attack ROC AUC")
     ax_a.axhline(0.5, color="grey", lw=0.8)
+    low, high = ax_a.get_ylim()  # at least 0.4-0.6, so that noise around chance does not look like a trend
+    ax_a.set_ylim(min(low, 0.4), max(high, 0.6))
     ax_u.legend(fontsize=8)
     ax_a.legend(fontsize=7)
     fig.suptitle("Privacy–utility: downstream BACC and attack AUC against ε")
