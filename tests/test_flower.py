@@ -307,6 +307,9 @@ def test_a_node_lost_mid_run_continues_or_stops_as_configured(tmp_path, policy):
     if policy == "fail":
         with pytest.raises(UserError, match=r"SuperNode 101 \(client 1\) failed at round 1: no reply .*on-node-failure = fail"):
             in_process_run(dbs, flags, fail={101: "round 1"}, **{"on-node-failure": policy})
+        run_dir = tmp_path / f"toy/fedavg/dirichlet_a0.3_c3/seed={SEED}"
+        assert not (run_dir / "results.json").exists() and not (run_dir / "run.lock").exists()
+        assert [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0]
         return
     _, results = in_process_run(dbs, flags, fail={101: "round 1"}, **{"on-node-failure": policy})
     assert [c["id"] for c in results["clients"]] == [0, 2]
