@@ -49,6 +49,7 @@ from federated.loop import RESULTS, METRICS, RunInfo, client_results, results_re
 from federated.methods.base import FederatedMethod, RunContext
 
 FAILURE_POLICIES = ("fail", "continue")
+REPLY_POLL_S = 0.5  # how often the server asks the SuperLink for replies (Flower's own loop waits 3 s)
 STATE_KEY = "method-state"
 
 
@@ -208,16 +209,28 @@ def wait_for_nodes(grid: Grid, n: int, seconds: float) -> list[int]:
 
 def exchange(grid: Grid, nodes: list[int], message_type: str, content: dict, timeout: float,
              group: str) -> tuple[dict[int, RecordDict], dict[int, str]]:
-    """Sends `content` (record name -> record) to every node: (replies by node, failures by node)."""
+    """Sends `content` (record name -> record) to every node: (replies by node, failures by node).
+
+    Replies are matched to nodes by the message they answer, not by their sender: when a node is gone
+    the SuperLink itself answers for it, with an error sent from the SuperLink's own node id."""
     msgs = [Message(RecordDict(dict(content)), dst_node_id=node, message_type=message_type, group_id=group)
             for node in nodes]
+    grid.push_messages(msgs)  # gives each message its id (a message the SuperLink refused is never answered)
+    node_of = {msg.metadata.message_id: node for msg, node in zip(msgs, nodes)}
     replies, failed = {}, {}
-    for reply in grid.send_and_receive(msgs, timeout=timeout):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            failed[node] = f"error {reply.error.code}: {reply.error.reason}".strip()
-        else:
-            replies[node] = reply.content
+    deadline = time.monotonic() + timeout
+    while True:
+        for reply in grid.pull_messages([m for m, n in node_of.items() if n not in replies and n not in failed]):
+            node = node_of.get(reply.metadata.reply_to_message_id)
+            if node is None:
+                continue
+            if reply.has_error():
+                failed[node] = f"error {reply.error.code}: {reply.error.reason}".strip()
+            else:
+                replies[node] = reply.content
+        if len(replies) + len(failed) == len(nodes) or time.monotonic() > deadline:
+            break
+        time.sleep(REPLY_POLL_S)
     for node in nodes:
         if node not in replies and node not in failed:
             failed[node] = f"no reply within round-timeout = {timeout:g} s (node gone?)"

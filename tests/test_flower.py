@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ from data.partition import SplitConfig, get_args_parser as partition_args, main 
 from federated import flower_app
 from federated.clients import build_clients, client_from_database
 from federated.methods import METHODS
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Message, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
 BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode of this environment
@@ -219,7 +221,9 @@ def test_a_supernode_dying_mid_run_is_dropped_when_configured_to_continue(hospit
     finally:
         proc.kill()
         hospitals.start_node(hospitals.clients / "client_2")
-    results = json.loads((metrics.parent / "results.json").read_text())
+    done = metrics.parent / "results.json"
+    assert done.exists(), f"no results.json; flwr run printed:\n{out[-3000:]}\nSuperLink log:\n{hospitals.log('superlink')}"
+    results = json.loads(done.read_text())
     assert [c["id"] for c in results["clients"]] == [0, 1], out
     assert [lost["client"] for lost in results["flower"]["lost_clients"]] == [2]
     assert [json.loads(line)["clients"] for line in metrics.read_text().splitlines()] == [3, 2]
@@ -245,33 +249,45 @@ def test_the_simulation_engine_runs_the_app_with_ten_virtual_clients(tmp_path):
 # --- every distributed method, in one process --------------------------------------------------------
 class InProcessGrid:
     """Flower's Grid contract without processes: each node runs the ClientApp on its own Context (its
-    state kept across messages as on a SuperNode); records are (de)serialised as on the wire."""
+    state kept across messages as on a SuperNode); records are (de)serialised as on the wire.
+    `fail` maps a node to the stage (message group) at which it disappears: from then on its messages go
+    unanswered, or, with `superlink_answers`, the SuperLink answers them with its own NODE_UNAVAILABLE error."""
 
-    def __init__(self, client_dbs: list[Path], run_config: dict, fail: dict[int, str] | None = None) -> None:
+    def __init__(self, client_dbs: list[Path], run_config: dict, fail: dict[int, str] | None = None,
+                 superlink_answers: bool = False) -> None:
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # as in a ServerApp process
         self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"client-db": str(p)},
                                           state=RecordDict(), run_config=run_config) for i, p in enumerate(client_dbs)}
-        self.fail = fail or {}  # node -> the stage (message group) at which it disappears
+        self.fail, self.superlink_answers = fail or {}, superlink_answers
+        self.replies: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        ids = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's own grids do on push
             node = msg.metadata.dst_node_id
             if self.fail.get(node) == msg.metadata.group_id:
                 self.contexts.pop(node)
-                continue
             if node in self.contexts:
-                replies.append(flower_app.client_app(message=msg, context=self.contexts[node]))
-        return replies
+                self.replies[msg.metadata.message_id] = flower_app.client_app(message=msg, context=self.contexts[node])
+            elif self.superlink_answers:
+                self.replies[msg.metadata.message_id] = create_message_error_unavailable_res_message(msg.metadata, "node")
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in message_ids if i in self.replies]
 
 
-def in_process_run(client_dbs: Path, flags: str, fail: dict[int, str] | None = None, **config) -> tuple[Path, dict]:
+def in_process_run(client_dbs: Path, flags: str, fail: dict[int, str] | None = None, superlink_answers: bool = False,
+                   **config) -> tuple[Path, dict]:
     dbs = sorted(client_dbs.glob("client_*"))
-    run_config = {"train-args": flags, "min-nodes": len(dbs), "node-wait": 0, **config}
-    run_dir = flower_app.run_server(InProcessGrid(dbs, run_config, fail), flower_app.FlowerConfig.from_run_config(run_config))
+    run_config = {"train-args": flags, "min-nodes": len(dbs), "node-wait": 0, "round-timeout": 1, **config}
+    grid = InProcessGrid(dbs, run_config, fail, superlink_answers)
+    run_dir = flower_app.run_server(grid, flower_app.FlowerConfig.from_run_config(run_config))
     return run_dir, json.loads((run_dir / "results.json").read_text())
 
 
@@ -299,18 +315,22 @@ def test_every_distributed_method_on_flower_equals_the_simulated_loop(tmp_path, 
         assert flower["meta_code"] == sim["meta_code"]
 
 
+@pytest.mark.parametrize("superlink_answers", [False, True], ids=["silent", "superlink-error"])
 @pytest.mark.parametrize("policy", ["continue", "fail"])
-def test_a_node_lost_mid_run_continues_or_stops_as_configured(tmp_path, policy):
+def test_a_node_lost_mid_run_continues_or_stops_as_configured(tmp_path, policy, superlink_answers):
     db = write_db(tmp_path / "db", n=400, dim=16, n_classes=3)
     dbs = write_client_dbs(db, tmp_path / "clients", 3)
     flags = f"--method fedavg --rounds 3 --seed {SEED} --n-clients 3 --out {tmp_path}"
+    lost = dict(fail={101: "round 1"}, superlink_answers=superlink_answers)
+    reason = "error 5: .*" if superlink_answers else "no reply .*"  # 5: Flower's NODE_UNAVAILABLE
     if policy == "fail":
-        with pytest.raises(UserError, match=r"SuperNode 101 \(client 1\) failed at round 1: no reply .*on-node-failure = fail"):
-            in_process_run(dbs, flags, fail={101: "round 1"}, **{"on-node-failure": policy})
+        with pytest.raises(UserError, match=rf"SuperNode 101 \(client 1\) failed at round 1: {reason}on-node-failure = fail"):
+            in_process_run(dbs, flags, **lost, **{"on-node-failure": policy})
         run_dir = tmp_path / f"toy/fedavg/dirichlet_a0.3_c3/seed={SEED}"
         assert not (run_dir / "results.json").exists() and not (run_dir / "run.lock").exists()
         assert [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0]
         return
-    _, results = in_process_run(dbs, flags, fail={101: "round 1"}, **{"on-node-failure": policy})
+    run_dir, results = in_process_run(dbs, flags, **lost, **{"on-node-failure": policy})
     assert [c["id"] for c in results["clients"]] == [0, 2]
-    assert results["flower"]["lost_clients"][0]["client"] == 1
+    assert [(x["client"], x["node"], x["stage"]) for x in results["flower"]["lost_clients"]] == [(1, 101, "round 1")]
+    assert [json.loads(line)["clients"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [3, 2, 2]
