@@ -75,8 +75,7 @@ class DPCGAN(Anonymizer):
             logits = D(x_fake, y_fake)
             g_loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
             self.g_opts[i].zero_grad(set_to_none=True)
-            g_loss.backward()
-            D.zero_grad(set_to_none=True)
+            g_loss.backward(inputs=list(G.parameters()))  # D's weight gradients are neither needed nor computed
             self.g_opts[i].step()
             total, steps = total + float(g_loss.detach()), steps + 1
         return {k: v.detach().clone() for k, v in G.state_dict().items()}, total / max(steps, 1)
