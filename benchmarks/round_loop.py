@@ -4,6 +4,8 @@
     python benchmarks/round_loop.py --rounds 5         # shorter (per-round figures extrapolate)
     python benchmarks/round_loop.py --real             # the embedded OrganAMNIST database instead
     python benchmarks/round_loop.py --scaling --methods fedavg dpcvae --rounds 2
+    python benchmarks/round_loop.py --real --rounds 1 --grid-rounds 50 --json r1.json   # + Table 1 grid bound
+    python benchmarks/round_loop.py --from-json r1.json --grid-rounds 50                # the same, no re-run
 
 Default workload: the papers' settings on 25,211 samples of 768-d embeddings (ViT-B size) in 11
 Gaussian class clusters (timing does not depend on the content), 10 clients, Dirichlet alpha = 0.3,
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -129,6 +132,25 @@ def print_table(rows: list[dict], title: str) -> None:
               f"with {rows[0]['threads']} thread(s); dim {rows[0]['dim']})")
 
 
+def grid_bound(rows: list[dict], rounds: int, runs_per_method: int = 6) -> str:
+    """FLOP lower bound of a Table 1 grid (each method x 2 splits x 3 seeds) at `rounds` rounds, extrapolated
+    from measured runs (round FLOPs x rounds + final-phase FLOPs), at this machine's peak with all cores.
+    The peak is the larger of a fresh all-core matmul and the best single-thread one x cores, so the
+    bound errs low."""
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    peak = max(matmul_flops_per_s(), cores * max(r["matmul_flops_per_s"] / r["threads"] for r in rows))
+    lines, total = [], 0.0
+    for r in rows:
+        final = r["flops"] - r["rounds"] * r["round_flops"]
+        flops = (rounds * r["round_flops"] if r["round_flops"] else 0) + final
+        total += runs_per_method * flops
+        lines.append(f"  {r['method']}: {flops / 1e12:.2f} TFLOP per run -> {flops / peak:.0f} s")
+    return "\n".join([f"Table 1 grid bound ({len(rows)} methods x {runs_per_method} runs, {rounds} rounds; "
+                      f"peak {peak / 1e9:.0f} GFLOP/s on {cores} cores):", *lines,
+                      f"  grid: {total / 1e12:.1f} TFLOP -> at least {total / peak / 60:.1f} min"])
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Whole-run speed of every method against a FLOP lower bound.")
     p.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS), help="methods to time")
@@ -142,6 +164,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="scaling run: clients 10 -> 100 and samples x1 -> x4 on the synthetic workload")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     p.add_argument("--json", type=Path, default=None, help="also write every row to this JSON file")
+    p.add_argument("--from-json", type=Path, nargs="+", default=None,
+                   help="print the table (and --grid-rounds bound) from earlier --json files instead of running")
+    p.add_argument("--grid-rounds", type=int, default=None,
+                   help="also print the FLOP lower bound of the Table 1 grid (x 2 splits x 3 seeds) at this many rounds")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--db", type=Path, default=None, help=argparse.SUPPRESS)
     return p
@@ -152,6 +178,16 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--rounds and --clients must be >= 1")
     if args.child:
         print(json.dumps(measure(args.child, args.db, args.clients, args.rounds, args.threads)))
+        return 0
+    if args.from_json:
+        rows = []
+        for path in args.from_json:
+            if not path.is_file():
+                raise UserError(f"--from-json: {path} does not exist (write it with --json)")
+            rows += json.loads(path.read_text())
+        print_table(rows, f"From {', '.join(map(str, args.from_json))}")
+        if args.grid_rounds:
+            print(grid_bound(rows, args.grid_rounds))
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,6 +215,8 @@ def main(args: argparse.Namespace) -> int:
                      f"Synthetic workload: {args.samples:,} records, {args.dim}-d, {args.classes} classes") + \
                 f", {args.clients} clients, alpha 0.3, {args.rounds} rounds"
     print_table(rows, title)
+    if args.grid_rounds:
+        print(grid_bound(rows, args.grid_rounds))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))

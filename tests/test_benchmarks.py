@@ -1,0 +1,43 @@
+"""benchmarks/round_loop.py's arithmetic: the Table 1 grid's FLOP lower bound from measured rows."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import round_loop  # noqa: E402
+from data.io import UserError  # noqa: E402
+
+
+def row(method: str, *, rounds: int, round_flops: float, final_flops: float, peak: float) -> dict:
+    return {"method": method, "rounds": rounds, "round_flops": round_flops, "flops": rounds * round_flops + final_flops,
+            "matmul_flops_per_s": peak, "threads": 1, "wall_s": 1.0, "n_clients": 10, "n_train": 100,
+            "peak_rss_gb": 1.0, "records_per_s": None, "bound_s": 1.0, "ratio": 1.0, "dim": 8}
+
+
+def test_grid_bound_extrapolates_rounds_and_uses_the_best_peak_over_all_cores(monkeypatch):
+    monkeypatch.setattr(round_loop.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(round_loop, "matmul_flops_per_s", lambda: 1e9)  # slower than 2 x the rows' 1e11
+    rows = [row("gen", rounds=1, round_flops=1e12, final_flops=0.5e12, peak=1e11),
+            row("local", rounds=1, round_flops=0, final_flops=2e12, peak=0.5e11)]
+    text = round_loop.grid_bound(rows, 50)
+    # gen: 50 x 1 + 0.5 = 50.5 TFLOP per run; local: 2 TFLOP; 6 runs each -> 315 TFLOP at 2e11 FLOP/s
+    assert "gen: 50.50 TFLOP per run -> 252 s" in text
+    assert "local: 2.00 TFLOP per run -> 10 s" in text
+    assert "grid: 315.0 TFLOP -> at least 26.2 min" in text
+    assert "peak 200 GFLOP/s on 2 cores" in text
+
+
+def test_from_json_reprints_rows_and_refuses_a_missing_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(round_loop, "matmul_flops_per_s", lambda: 1e9)
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([row("gen", rounds=2, round_flops=1e12, final_flops=0, peak=1e11)]))
+    assert round_loop.main(round_loop.get_args_parser().parse_args(["--from-json", str(path), "--grid-rounds", "4"])) == 0
+    out = capsys.readouterr().out
+    assert "| gen | 10 | 100 | 2 |" in out and "gen: 4.00 TFLOP per run" in out
+    with pytest.raises(UserError, match="--from-json: .*missing.json does not exist"):
+        round_loop.main(round_loop.get_args_parser().parse_args(["--from-json", str(tmp_path / "missing.json")]))
