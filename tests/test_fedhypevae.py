@@ -11,7 +11,7 @@ from opacus.accountants import RDPAccountant
 from federated.privacy import clip_and_sum, clipped_grad_sum, per_sample_grads_vmap
 from models.hypervae import HyperClient, HyperNetwork, mmd2_unbiased
 from tests.test_federated import results_of, strip_timing
-from tests.test_privacy import DP_FAST
+from tests.test_privacy import DP_FAST, run_interrupted_then_resumed
 import train
 
 HV_FAST = [*DP_FAST, "--method", "fedhypevae", "--code-dim", "3", "--hyper-hidden", "8", "--prior-hidden", "8",
@@ -146,3 +146,14 @@ def test_same_seed_identical_and_meta_code_mixture(tiny_db, tmp_path):
     a, b = results_of(tmp_path / "a", "fedhypevae"), results_of(tmp_path / "b", "fedhypevae")
     assert json.dumps(strip_timing(a)) == json.dumps(strip_timing(b))
     assert a["meta_code"]["k"] == 2 and sum(a["meta_code"]["weights"]) == pytest.approx(1.0)
+
+
+def test_adam_on_the_hypernetwork_resumes_exactly_and_takes_effect(tiny_db, tmp_path):
+    """Adam's moments are client state: a resumed run must restore them (else the results differ)."""
+    run_hv(tiny_db, tmp_path / "a", "--hyper-optimizer", "adam", "--rounds", "3")
+    run_interrupted_then_resumed(run_hv, tiny_db, tmp_path / "b", "--hyper-optimizer", "adam", "--rounds", "3")
+    a, b = results_of(tmp_path / "a", "fedhypevae"), results_of(tmp_path / "b", "fedhypevae")
+    assert json.dumps(strip_timing(a)) == json.dumps(strip_timing(b))
+    run_hv(tiny_db, tmp_path / "s", "--rounds", "3")
+    sgd = results_of(tmp_path / "s", "fedhypevae")
+    assert json.dumps(strip_timing(a)) != json.dumps(strip_timing(sgd))

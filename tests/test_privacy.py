@@ -152,17 +152,22 @@ def test_no_dp_runs_and_reports_no_epsilon(tiny_db, tmp_path):
     assert privacy["enabled"] is False and privacy["epsilon_spent_max"] is None
 
 
-def test_same_seed_identical_and_resume(tiny_db, tmp_path):
+def run_interrupted_then_resumed(run_fn, *args) -> None:
+    """run_fn(*args) stopped after its first round, then run again: it must resume from the checkpoint."""
     from federated import loop
-    run_dp(tiny_db, tmp_path / "a", "--method", "dpcvae", "--rounds", "3")
     original = loop.run
     train.run = lambda *a, **k: original(*a, **k, stop_after=1)
     try:
         with pytest.raises(InterruptedError):
-            run_dp(tiny_db, tmp_path / "b", "--method", "dpcvae", "--rounds", "3")
+            run_fn(*args)
     finally:
         train.run = original
-    run_dp(tiny_db, tmp_path / "b", "--method", "dpcvae", "--rounds", "3")
+    run_fn(*args)
+
+
+def test_same_seed_identical_and_resume(tiny_db, tmp_path):
+    run_dp(tiny_db, tmp_path / "a", "--method", "dpcvae", "--rounds", "3")
+    run_interrupted_then_resumed(run_dp, tiny_db, tmp_path / "b", "--method", "dpcvae", "--rounds", "3")
     a, b = results_of(tmp_path / "a", "dpcvae"), results_of(tmp_path / "b", "dpcvae")
     assert json.dumps(strip_timing(a)) == json.dumps(strip_timing(b))
 

@@ -43,6 +43,7 @@ class FedHypeVAEConfig(AnonymizerConfig):
     prior_hidden: int = 64
     label_dim: int = 16
     hyper_lr: float = 1e-3
+    hyper_optimizer: str = "sgd"
     lambda_mmd: float = 0.1
     lambda_lip: float = 1e-3
     lambda_v: float = 1e-3
@@ -58,6 +59,9 @@ class FedHypeVAEConfig(AnonymizerConfig):
     stats_noise: float = 20.0
 
 
+# Each client's optimiser of its Phi copy only sees privatised gradients, so its state (Adam's
+# moments) is post-processing and costs no privacy.
+HYPER_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 META_CODES, META_WEIGHTS, META_LOSS = "meta.codes", "meta.weights", "meta.fit_loss"  # keys of the final broadcast
 
 
@@ -104,7 +108,9 @@ class FedHypeVAE(Anonymizer):
             self.models.append(model)
         self.receive(self.global_hyper.state_dict())
         self.local_opts = [torch.optim.Adam([*m.encoder.parameters(), m.code.weight], lr=cfg.gen.lr) for m in self.models]
-        self.hyper_opts = [torch.optim.SGD(m.hyper.parameters(), lr=cfg.hyper_lr) for m in self.models]
+        if cfg.hyper_optimizer not in HYPER_OPTIMIZERS:
+            raise UserError(f"--hyper-optimizer {cfg.hyper_optimizer!r} is unknown; valid: {', '.join(sorted(HYPER_OPTIMIZERS))}")
+        self.hyper_opts = [HYPER_OPTIMIZERS[cfg.hyper_optimizer](m.hyper.parameters(), lr=cfg.hyper_lr) for m in self.models]
         self.meta_codes: torch.Tensor | None = None
         self.meta_weights: torch.Tensor | None = None
         self.meta_fit_loss: float | None = None
@@ -243,12 +249,13 @@ class FedHypeVAE(Anonymizer):
     # --- state and report -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"models": [m.state_dict() for m in self.models], "hyper": self.global_hyper.state_dict(),
-                "local_opts": [o.state_dict() for o in self.local_opts], **self.anonymizer_state()}
+                "local_opts": [o.state_dict() for o in self.local_opts],
+                "hyper_opts": [o.state_dict() for o in self.hyper_opts], **self.anonymizer_state()}
 
     def load_state_dict(self, state: dict) -> None:
         for m, s in zip(self.models, state["models"]):
             m.load_state_dict(s)
-        for o, s in zip(self.local_opts, state["local_opts"]):
+        for o, s in zip([*self.local_opts, *self.hyper_opts], [*state["local_opts"], *state["hyper_opts"]]):
             o.load_state_dict(s)
         self.global_hyper.load_state_dict(state["hyper"])
         self.load_anonymizer_state(state)
