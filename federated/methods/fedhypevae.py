@@ -85,6 +85,28 @@ def lipschitz_penalty(hyper: HyperNetwork) -> torch.Tensor:
     return sum(spectral_norm(m.weight).pow(2) for m in hyper.hyper_layers())
 
 
+def class_stat_sums(x: torch.Tensor, y: torch.Tensor, n_classes: int, clip: float) -> torch.Tensor:
+    """(n_classes, 2D + 1): per class the sums of u = clip(x)/R, of u^2, and the count; one record
+    changes one class block by at most sqrt(3) in L2 (|u| <= 1, |u^2| <= 1, 1)."""
+    u = x / (x.norm(dim=1, keepdim=True) / clip).clamp(min=1.0) / clip
+    rows = torch.cat([u, u.pow(2), torch.ones(len(u), 1, device=u.device)], dim=1)
+    return torch.zeros(n_classes, rows.shape[1], device=u.device).index_add_(0, y, rows)
+
+
+def class_stats_noise(shape: torch.Size, noise_multiplier: float, gen: torch.Generator) -> torch.Tensor:
+    """The Gaussian mechanism's noise for one client's class_stat_sums (L2 sensitivity sqrt(3))."""
+    return noise_multiplier * math.sqrt(3) * torch.randn(shape, generator=gen)
+
+
+def class_moments(sums: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class mean and diagonal variance of the (clipped) embeddings from (summed, noisy) sums."""
+    d = (sums.shape[1] - 1) // 2
+    counts = sums[:, -1].clamp(min=1.0)
+    mean = clip * sums[:, :d] / counts[:, None]
+    var = (clip ** 2 * sums[:, d:2 * d] / counts[:, None] - mean.pow(2)).clamp(min=0)
+    return mean, var
+
+
 class FedHypeVAE(Anonymizer):
     name = "fedhypevae"
     Config = FedHypeVAEConfig
@@ -175,23 +197,18 @@ class FedHypeVAE(Anonymizer):
 
     # --- post-training: DP class statistics and the meta-code ------------------------------------
     def release_class_stats(self, i: int) -> torch.Tensor:
-        """Per class: sums of u = clip(x)/R, of u^2, and the count; one record changes one class
-        block by at most sqrt(3) in L2, so noise std = stats_noise * sqrt(3)."""
+        """class_stat_sums of this client's training records, plus Gaussian noise under DP."""
         c = self.ctx.clients[i]
-        u = c.x_train / (c.x_train.norm(dim=1, keepdim=True) / self.cfg.stats_clip).clamp(min=1.0) / self.cfg.stats_clip
-        rows = torch.cat([u, u.pow(2), torch.ones(len(u), 1, device=u.device)], dim=1)
-        sums = torch.zeros(self.ctx.n_classes, rows.shape[1], device=u.device).index_add_(0, c.y_train, rows)
+        sums = class_stat_sums(c.x_train, c.y_train, self.ctx.n_classes, self.cfg.stats_clip)
         if self.privacy.enabled:
-            sums = sums + self.cfg.stats_noise * math.sqrt(3) * torch.randn(sums.shape, generator=self.noise_gens[i]).to(sums)
+            sums = sums + class_stats_noise(sums.shape, self.cfg.stats_noise, self.noise_gens[i]).to(sums)
             self.accountants[i].release("class_stats", self.cfg.stats_noise)
         return sums
 
     def fit_meta_codes(self, stats: torch.Tensor) -> None:
         """Eq. 11 (Eq. 13 for K > 1): codes whose decoded class means/variances match the released ones."""
         cfg, d, hyper = self.cfg, self.ctx.dim, self.global_hyper
-        counts = stats[:, -1].clamp(min=1.0)
-        mean = cfg.stats_clip * stats[:, :d] / counts[:, None]
-        var = (cfg.stats_clip ** 2 * stats[:, d:2 * d] / counts[:, None] - mean.pow(2)).clamp(min=0)
+        mean, var = class_moments(stats, cfg.stats_clip)
         classes = torch.nonzero(stats[:, -1] >= 20).squeeze(1)  # classes the federation (noisily) has
         gen = make_generator(self.ctx.seed, SERVER, META)
         codes = nn.Parameter(torch.randn(cfg.meta_codes, cfg.code_dim, generator=gen).to(self.ctx.device))
