@@ -24,7 +24,6 @@ from federated.clients import build_clients
 from federated.loop import RESULTS, RunInfo, run
 from federated.methods import METHODS
 from federated.methods.base import RunContext
-from federated.methods.fedhypevae import HYPER_OPTIMIZERS
 from federated.training import OPTIMIZERS
 
 ALGORITHM_ALIASES = {"normal": "fedavg", "fedprox": "fedprox"}          # the reference's --algorithm
@@ -107,7 +106,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--prior-hidden", type=int, default=64, help="prior network width (h_omega output, g_omega)")
     g.add_argument("--label-dim", type=int, default=16, help="label embedding e(y) dimension")
     g.add_argument("--hyper-lr", type=float, default=1e-3, help="learning rate of the hypernetwork (eta_Phi)")
-    g.add_argument("--hyper-optimizer", default="sgd", choices=sorted(HYPER_OPTIMIZERS),
+    g.add_argument("--hyper-optimizer", default="sgd", choices=OPTIMIZERS,
                    help="each client's optimiser of its hypernetwork copy (the paper: SGD)")
     g.add_argument("--lambda-mmd", type=float, default=0.1, help="weight of the MMD alignment term")
     g.add_argument("--lambda-lip", type=float, default=1e-3, help="weight of R_Lip (squared spectral norms)")

@@ -43,8 +43,9 @@ def noise_report(clients, n_classes: int, clip: float, noise_multiplier: float, 
                  gen: torch.Generator) -> list[dict]:
     """Per class: n, signal |mu_c - mu|, mean error |mu_hat_c - mu_c|, exact and DP per-dim variance."""
     sums = [class_stat_sums(c.x_train.float(), c.y_train, n_classes, clip) for c in clients]
-    exact_mean, exact_var = class_moments(torch.stack(sums).sum(0), clip)
-    counts = torch.stack(sums).sum(0)[:, -1]
+    exact = torch.stack(sums).sum(0)
+    exact_mean, exact_var = class_moments(exact, clip)
+    counts = exact[:, -1]
     overall = (counts[:, None] * exact_mean).sum(0) / counts.sum()
     err, dp_var = torch.zeros(n_classes), torch.zeros(n_classes)
     for _ in range(draws):

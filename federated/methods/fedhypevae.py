@@ -27,6 +27,7 @@ from data.io import UserError
 from federated.clients import make_generator
 from federated.methods.anonymizer import Anonymizer, AnonymizerConfig
 from federated.methods.base import INIT, META, SERVER, RunContext
+from federated.training import OptimConfig, make_optimizer
 from models import count_parameters
 from models.hypervae import HyperClient, HyperNetwork
 from models.init import init_linear_layers_
@@ -59,9 +60,6 @@ class FedHypeVAEConfig(AnonymizerConfig):
     stats_noise: float = 20.0
 
 
-# Each client's optimiser of its Phi copy only sees privatised gradients, so its state (Adam's
-# moments) is post-processing and costs no privacy.
-HYPER_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 META_CODES, META_WEIGHTS, META_LOSS = "meta.codes", "meta.weights", "meta.fit_loss"  # keys of the final broadcast
 
 
@@ -130,9 +128,10 @@ class FedHypeVAE(Anonymizer):
             self.models.append(model)
         self.receive(self.global_hyper.state_dict())
         self.local_opts = [torch.optim.Adam([*m.encoder.parameters(), m.code.weight], lr=cfg.gen.lr) for m in self.models]
-        if cfg.hyper_optimizer not in HYPER_OPTIMIZERS:
-            raise UserError(f"--hyper-optimizer {cfg.hyper_optimizer!r} is unknown; valid: {', '.join(sorted(HYPER_OPTIMIZERS))}")
-        self.hyper_opts = [HYPER_OPTIMIZERS[cfg.hyper_optimizer](m.hyper.parameters(), lr=cfg.hyper_lr) for m in self.models]
+        # Each client's optimiser of its Phi copy only sees privatised gradients, so its state (Adam's
+        # moments) is post-processing and costs no privacy.
+        hyper_optim = OptimConfig(optimizer=cfg.hyper_optimizer, lr=cfg.hyper_lr, momentum=0.0, weight_decay=0.0)
+        self.hyper_opts = [make_optimizer(m.hyper.parameters(), hyper_optim) for m in self.models]
         self.meta_codes: torch.Tensor | None = None
         self.meta_weights: torch.Tensor | None = None
         self.meta_fit_loss: float | None = None
