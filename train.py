@@ -18,10 +18,10 @@ import torch
 from tqdm import tqdm
 
 from data.database import load_database
-from data.io import UserError, atomic_write_json, package_versions, read_json, run_cli
+from data.io import HelpFormatter, UserError, atomic_write_json, package_versions, read_json, run_cli
 from data.partition import PARTITIONERS, SplitConfig, run_tag
-from federated.clients import build_clients
-from federated.loop import RESULTS, RunInfo, run
+from federated.clients import RANDOMNESS, build_clients
+from federated.loop import CHECKPOINT, RESULTS, RunInfo, run
 from federated.methods import METHODS
 from federated.methods.base import RunContext
 from federated.training import OPTIMIZERS
@@ -42,7 +42,7 @@ def ints(text: str) -> list[int]:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Federated training and evaluation on an embedding database.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("Method")
     g.add_argument("--method", default=None, choices=sorted(METHODS), help="strategy to run (default fedavg)")
     g.add_argument("--algorithm", default=None, choices=sorted(ALGORITHM_ALIASES),
@@ -62,8 +62,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-frac", type=float, default=0.2, help="per-client, per-label test fraction")
     g.add_argument("--val-frac", type=float, default=0.2, help="validation fraction of the remaining data")
 
-    g = p.add_argument_group("Federated training (FedAvg, FedProx, FedLambda)")
+    g = p.add_argument_group("Rounds (every federated method)")
     g.add_argument("--rounds", type=int, default=50, help="communication rounds")
+
+    g = p.add_argument_group("Local training of the classifier (FedAvg, FedProx, FedLambda)")
     g.add_argument("--local-epochs", dest="local_epochs", type=int, default=5, help="local epochs per round")
     g.add_argument("--batch-size", dest="local_batch_size", type=int, default=128, help="local batch size")
     g.add_argument("--optimizer", dest="local_optimizer", default="sgd", choices=OPTIMIZERS, help="local optimiser")
@@ -138,6 +140,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="Opacus accountant used to calibrate and report epsilon")
     g.add_argument("--count-noise", dest="privacy_count_noise", type=float, default=100.0,
                    help="std of the Gaussian noise on the client size released for aggregation weights")
+    g.add_argument("--randomness", default=None, choices=RANDOMNESS,
+                   help="DP noise, Poisson masks and latents of DP steps: 'seeded' from the run seed and client "
+                        "id (reproducible; the server could rebuild them) or 'secret' from OS entropy "
+                        "(default: seeded in simulation, secret on Flower)")
 
     g = p.add_argument_group("Synthesis")
     g.add_argument("--synthesis", dest="synthesis_policy", default="fill", choices=["fill", "reference", "uniform"],
@@ -271,18 +277,21 @@ def main(args: argparse.Namespace) -> int:
         if (run_dir / "config.json").exists():
             old = read_json(run_dir / "config.json", what="run config")
             changed = changed_settings(old.get("settings", {}), settings, defaults)
-            if changed or old.get("method") != method_name:
+            started = (run_dir / RESULTS).exists() or (run_dir / CHECKPOINT).exists()
+            if (changed or old.get("method") != method_name) and started:
                 raise UserError(f"{run_dir}: holds a run with other settings ({', '.join(changed or ['method'])}); "
                                 "pass --tag NAME for a new run folder")
         if (run_dir / RESULTS).exists():
             print(f"{run_dir}: finished, skipped")
         else:
-            atomic_write_json(run_dir / "config.json", config)
-        clients = build_clients(db, split, seed, device)
-        ctx = RunContext(clients=clients, n_classes=len(db.classes), dim=db.dim, seed=seed,
-                         rounds=args.rounds, device=device)
+            # a split the data cannot give, or a setting the method refuses, fails here, before any write
+            ctx = RunContext(clients=build_clients(db, split, seed, device), n_classes=len(db.classes), dim=db.dim,
+                             seed=seed, rounds=args.rounds, device=device, randomness=args.randomness or "seeded")
+            method = method_cls(ctx, method_cfg)
+            atomic_write_json(run_dir / "config.json", config)  # a folder that never completed a round takes these
         info = RunInfo(method=method_name, dataset=dataset, seed=seed, split=split_info(dataclasses.asdict(split)))
-        results = run(method_cls(ctx, method_cfg), info, run_dir, progress=args.progress)
+        results = (read_json(run_dir / RESULTS, what="results") if (run_dir / RESULTS).exists()
+                   else run(method, info, run_dir, progress=args.progress))
         s = results["summary"]
         summaries.append(s)
         print(f"{method_name} seed={seed}: acc {100 * s['acc_mean']:.2f} ± {100 * s['acc_std']:.2f}  "

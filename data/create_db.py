@@ -27,7 +27,7 @@ from tqdm import tqdm  # noqa: E402
 from data.backbones import DEFAULT_BACKBONE, BackboneConfig, create_backbone, prepare_batch  # noqa: E402
 from data.database import FORMAT_VERSION  # noqa: E402
 from data.datasets import DatasetConfig, load_dataset, registry  # noqa: E402
-from data.io import (UserError, atomic_save_npz, atomic_write_json, package_versions,  # noqa: E402
+from data.io import (HelpFormatter, UserError, atomic_save_npz, atomic_write_json, package_versions,  # noqa: E402
                      read_json, run_cli, sha256_file)
 
 
@@ -178,7 +178,7 @@ def create_database(*, dataset: DatasetConfig, backbone: BackboneConfig, extract
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     g = parser.add_argument_group("Dataset")
     g.add_argument("--dataset", required=True,
                    help=f"one of: {', '.join(sorted(registry()))}")
@@ -201,7 +201,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="input size; default the backbone's pretraining size")
     g = parser.add_argument_group("Extraction")
     g.add_argument("--database-root", "--database_root", type=Path, required=True, help="output folder")
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--batch-size", type=int, default=64, help="images per forward pass of the backbone")
     g.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -210,7 +210,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored dtype")
     g.add_argument("--limit", type=int, default=None,
                    help="at most N images per split: a stratified subset chosen with --subset-seed")
-    g.add_argument("--subset-seed", type=int, default=0)
+    g.add_argument("--subset-seed", type=int, default=0, help="seed of the --limit subset")
     g.add_argument("--chunk-size", type=int, default=1024, help="images per resumable chunk")
     return parser
 

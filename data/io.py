@@ -5,6 +5,7 @@ killed at any moment leaves either the old file or the new one, never half of on
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -33,6 +34,27 @@ def run_cli(main: Callable[[], int]) -> None:
               file=sys.stderr)
         code = 130
     sys.exit(code)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help that reads right: one "(default: X)" per flag, only where there is a default to show
+    (not for on/off switches, not when the help text already names it), lists printed as
+    comma-separated values, and metavars named after the flag (--epsilon EPSILON), not its dest."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default in (None, argparse.SUPPRESS) or "default" in text or action.nargs == 0
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        default = action.default
+        if isinstance(default, (list, tuple)):
+            default = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) if action.nargs is None \
+                else " ".join(map(str, default))
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        longest = max(action.option_strings, key=len)
+        return longest.lstrip("-").upper().replace("-", "_")
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from data.io import UserError, atomic_write_json, run_cli  # noqa: E402
+from data.io import HelpFormatter, UserError, atomic_write_json, run_cli  # noqa: E402
 
 MAX_DIRICHLET_TRIES = 1000
 
@@ -36,11 +36,19 @@ class SplitConfig:
     test_frac: float = 0.2
     val_frac: float = 0.2       # of what remains after the test split
 
+    def __post_init__(self) -> None:  # checked when the flags are read, before anything is written
+        if self.kind not in PARTITIONERS:
+            raise UserError(f"--split {self.kind!r} is unknown; valid: {', '.join(sorted(PARTITIONERS))}")
+        if self.n_clients < 1:
+            raise UserError(f"--n-clients must be >= 1, got {self.n_clients}")
+        if self.kind == "dirichlet" and not self.alpha > 0:
+            raise UserError(f"--alpha must be > 0 for a Dirichlet split, got {self.alpha}")
+        if not (0 <= self.test_frac < 1 and 0 <= self.val_frac < 1):
+            raise UserError(f"--test-frac and --val-frac must lie in [0, 1), got {self.test_frac}, {self.val_frac}")
+
 
 def dirichlet_partition(labels: np.ndarray, groups: np.ndarray | None, cfg: SplitConfig,
                         rng: np.random.Generator) -> list[np.ndarray]:
-    if cfg.alpha <= 0:
-        raise UserError(f"--alpha must be > 0 for a Dirichlet split, got {cfg.alpha}")
     classes = np.unique(labels)
     for _ in range(MAX_DIRICHLET_TRIES):
         parts: list[list[np.ndarray]] = [[] for _ in range(cfg.n_clients)]
@@ -89,15 +97,9 @@ def run_tag(kind: str, alpha: float | None, n_clients: int) -> str:
 
 def partition(labels: np.ndarray, groups: np.ndarray | None, cfg: SplitConfig) -> list[np.ndarray]:
     """Sample indices of each client: every sample in exactly one client; deterministic for a seed."""
-    if cfg.kind not in PARTITIONERS:
-        raise UserError(f"--split {cfg.kind!r} is unknown; valid: {', '.join(sorted(PARTITIONERS))}")
-    if cfg.n_clients < 1:
-        raise UserError(f"--n-clients must be >= 1, got {cfg.n_clients}")
     if cfg.n_clients * max(cfg.min_samples, 1) > len(labels):
         raise UserError(f"--n-clients {cfg.n_clients} x --min-samples {max(cfg.min_samples, 1)} "
                         f"exceeds the {len(labels)} samples in the database; use fewer clients")
-    if not (0 <= cfg.test_frac < 1 and 0 <= cfg.val_frac < 1):
-        raise UserError("--test-frac and --val-frac must lie in [0, 1)")
     rng = np.random.default_rng(cfg.split_seed)
     clients = PARTITIONERS[cfg.kind](labels, groups, cfg, rng)
     for i, c in enumerate(clients):
@@ -151,7 +153,8 @@ def split_manifest(splits: list[ClientSplit], labels: np.ndarray, n_classes: int
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Write a client split manifest for an embedding database.")
+    p = argparse.ArgumentParser(description="Write a client split manifest for an embedding database.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--db", type=Path, required=True, help="embedding database folder")
     p.add_argument("--kind", "--split", dest="kind", default="dirichlet", choices=sorted(PARTITIONERS),
                    help="partitioner")

@@ -1,6 +1,7 @@
 """Per-client tensors, seeded generators and minibatching shared by every method."""
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -63,6 +64,15 @@ def make_generator(seed: int, *keys: int) -> torch.Generator:
     """An independent CPU generator for one purpose (keys: e.g. client id, a purpose tag)."""
     state = np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+RANDOMNESS = ("seeded", "secret")
+
+
+def secret_generator() -> torch.Generator:
+    """A generator seeded from OS entropy: nothing the server knows (run seed, client id) can rebuild it.
+    Its state lives only in the client's own state (checkpoint or Flower context)."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def shuffled_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:

@@ -19,7 +19,14 @@ Run config (pyproject.toml [tool.flwr.app.config]; `flwr run --run-config` overr
   on-node-failure  "fail": stop with a message naming the node (finished rounds stay in metrics.jsonl);
                    "continue": go on with the others (results.json lists the lost clients)
 Node config (`flower-supernode --node-config "client-db='/data/client_3' device='cuda'"`): the node's client
-database and, optionally, its own device (default: train-args' --device).
+database and, optionally, its own device (default: train-args' --device) and `results-dir` (default:
+<client-db>_results), where the node keeps what never leaves it: its per-round losses, exact counts,
+privacy ledger and the audit of its release, in the run's layout (<dataset>/<method>/<tag>/seed=<s>/).
+
+What a node sends is checked against one allowlist (federated/channel.py: hello facts, its noisy
+size, model payloads, noised releases, final test metrics and epsilon). Its DP noise, Poisson masks and
+latents come from OS entropy by default (`--randomness secret`): the server knows the run seed and
+the client id, so seeded streams would let it rebuild them.
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -43,6 +50,7 @@ import train
 from data.database import load_database
 from data.io import UserError, atomic_write_json, atomic_write_text, package_versions
 from data.partition import run_tag
+from federated.channel import FINAL_FIELDS, SIZE_FIELD, check_outgoing
 from federated.clients import client_from_database, client_info
 from federated.methods import METHODS
 from federated.loop import RESULTS, METRICS, RunInfo, client_results, results_record, run_lock
@@ -123,23 +131,41 @@ def client_db_path(context: Context) -> Path:
                     "--node-config \"client-db='/path/to/client_<id>'\" (data/partition.py --client-dbs)")
 
 
-def open_client(context: Context) -> FederatedMethod:
+@dataclass
+class Node:
+    """What one ClientApp call works with: this node's method (its one client, its kept state), its
+    database and its own results folder."""
+    method: FederatedMethod
+    db: object
+    run_dir: Path
+
+
+def node_run_dir(context: Context, args: argparse.Namespace, db, method_name: str) -> Path:
+    """The node's own results folder for this run, in the server's layout."""
+    path = client_db_path(context)
+    root = Path(str(context.node_config.get("results-dir", f"{path}_results")))
+    split = client_info(db)["split"]
+    tag = args.tag or run_tag(split["kind"], split["alpha"], split["n_clients"])
+    return root / (args.dataset_name or db.manifest.get("dataset") or "dataset") / method_name / tag / f"seed={args.seeds[0]}"
+
+
+def open_client(context: Context) -> Node:
     """This node's method, for its one client, with the state it kept from earlier messages."""
     cfg = FlowerConfig.from_run_config(context.run_config)
     path = client_db_path(context)
     args = parse_train_args(cfg.train_args, path)
-    _, cls, method_cfg = method_of(args)
+    name, cls, method_cfg = method_of(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     db = load_database(path)
     device = torch.device(str(context.node_config.get("device", args.device)))  # a hospital's own GPU
     ctx = RunContext(clients=[client_from_database(db, device)], n_classes=len(db.classes), dim=db.dim,
-                     seed=args.seeds[0], rounds=args.rounds, device=device)
+                     seed=args.seeds[0], rounds=args.rounds, device=device, randomness=args.randomness or "secret")
     method = cls(ctx, method_cfg)
     if STATE_KEY in context.state:
         blob = context.state[STATE_KEY]["state"]
         method.load_state_dict(torch.load(io.BytesIO(blob), map_location=device, weights_only=True))
-    return method
+    return Node(method, db, node_run_dir(context, args, db, name))
 
 
 def keep_state(context: Context, method: FederatedMethod) -> None:
@@ -148,43 +174,57 @@ def keep_state(context: Context, method: FederatedMethod) -> None:
     context.state[STATE_KEY] = ConfigRecord({"state": buf.getvalue()})
 
 
+def reply(msg: Message, node: Node, kind: str, record: str, payload: dict) -> Message:
+    """The one way a reply leaves this node: checked against the allowlist first."""
+    payload = check_outgoing(node.method, 0, kind, payload)
+    body = (ArrayRecord(payload) if kind in ("update", "size", "release")
+            else ConfigRecord({"json": json.dumps(payload)}))
+    return Message(RecordDict({record: body}), reply_to=msg)
+
+
 @client_app.query("hello")
 def hello(msg: Message, context: Context) -> Message:
-    db = load_database(client_db_path(context))
-    info = client_info(db)
+    node = open_client(context)
+    info = client_info(node.db)
     about = {"id": int(info["id"]), "n_clients": int(info["n_clients"]), "seed": int(info["seed"]),
-             "split": info["split"], "dataset": db.manifest.get("dataset") or "", "dim": db.dim,
-             "classes": db.classes, "backbone": db.manifest.get("backbone") or ""}
-    return Message(RecordDict({"about": ConfigRecord({"json": json.dumps(about)})}), reply_to=msg)
+             "split": info["split"], "dataset": node.db.manifest.get("dataset") or "", "dim": node.db.dim,
+             "classes": node.db.classes, "backbone": node.db.manifest.get("backbone") or ""}
+    return reply(msg, node, "hello", "about", about)
 
 
 @client_app.train()
 def train_round(msg: Message, context: Context) -> Message:
-    method = open_client(context)
+    node = open_client(context)
+    method, rnd = node.method, int(msg.content["config"]["round"])
     method.receive(msg.content["shared"].to_torch_state_dict())
-    [(payload, loss)] = method.train_clients([0], int(msg.content["config"]["round"]))
+    [(payload, loss)] = method.train_clients([0], rnd)
     keep_state(context, method)
-    return Message(RecordDict({"payload": ArrayRecord(payload),
-                               "metrics": MetricRecord({"train_loss": float(loss), "weight": method.upload_weight(0)})}),
-                   reply_to=msg)
+    metrics = node.run_dir / METRICS  # the loss stays on the node
+    kept = metrics.read_text().splitlines()[:rnd] if rnd and metrics.exists() else []
+    atomic_write_text(metrics, "".join(f"{line}\n" for line in [*kept, json.dumps({"round": rnd, "train_loss": loss})]))
+    out = reply(msg, node, "update", "payload", payload)
+    out.content["size"] = reply(msg, node, "size", "size", method.size_message(0)).content["size"]
+    return out
 
 
 @client_app.query("release")
 def release(msg: Message, context: Context) -> Message:
-    method = open_client(context)
-    released = method.client_release(0)
-    keep_state(context, method)  # the ledger now holds the release
-    return Message(RecordDict({"release": ArrayRecord(released)}), reply_to=msg)
+    node = open_client(context)
+    released = node.method.client_release(0)
+    keep_state(context, node.method)  # the ledger now holds the release
+    return reply(msg, node, "release", "release", released)
 
 
 @client_app.evaluate()
 def finish(msg: Message, context: Context) -> Message:
-    method = open_client(context)
+    node = open_client(context)
+    method = node.method
     method.receive_final(msg.content["final"].to_torch_state_dict())
     method.finish_clients()
     [result] = client_results(method)
-    out = {"client": result, "report": method.report()}
-    return Message(RecordDict({"result": ConfigRecord({"json": json.dumps(out)})}), reply_to=msg)
+    atomic_write_json(node.run_dir / RESULTS, {"client": result, "randomness": method.ctx.randomness, **method.report()})
+    return reply(msg, node, "final", "result", method.final_message(0, result))
+
 
 
 # --- server -----------------------------------------------------------------------------------------
@@ -282,19 +322,22 @@ def introduce(grid: Grid, cfg: FlowerConfig, seed: int) -> tuple[dict[int, int],
     return {node: a["id"] for node, a in about.items()}, shared
 
 
-def merge_reports(reports: list[dict]) -> dict:
-    """One report from the clients' own: per-client privacy ledgers side by side, releases audited per client."""
-    if not reports or not reports[0]:
+# What each node keeps in its own results folder and the server never receives (results.json says so).
+NOT_RECEIVED = ["per-round training losses", "exact split sizes (n_train, n_val, n_test) and per-class counts",
+                "privacy ledgers (noise multiplier, sample rate, steps, history, releases)", "synthetic-sample counts",
+                "release fidelity, TSTR and membership audit", "2-D projections"]
+
+
+def server_report(method_cfg, finals: dict[int, dict], randomness: str) -> dict:
+    """The privacy block the server can write from its config and the clients' final messages."""
+    privacy = getattr(method_cfg, "privacy", None)
+    if privacy is None:
         return {}
-    merged = {k: v for k, v in reports[0].items() if k not in ("fidelity", "audit")}
-    if "privacy" in merged:
-        clients = [c for r in reports for c in r["privacy"]["clients"]]
-        spent = [c["epsilon_spent"] for c in clients if c.get("epsilon_spent") is not None]
-        merged["privacy"] = {**merged["privacy"], "clients": clients, "epsilon_spent_max": max(spent) if spent else None}
-    if "fidelity" in reports[0]:  # each hospital audits its own release against its own held-out records
-        merged["release_eval_per_client"] = [{"id": r["privacy"]["clients"][0]["id"], "fidelity": r["fidelity"],
-                                              "audit": r["audit"]} for r in reports]
-    return merged
+    spent = [f["epsilon_spent"] for f in finals.values() if f["epsilon_spent"] is not None]
+    return {"privacy": {"enabled": privacy.enabled, "target_epsilon": privacy.target_epsilon if privacy.enabled else None,
+                        "delta": privacy.delta, "accountant": privacy.accountant, "randomness": randomness,
+                        "clients": [{"id": c, "epsilon_spent": f["epsilon_spent"]} for c, f in sorted(finals.items())],
+                        "epsilon_spent_max": max(spent) if spent else None}}
 
 
 def run_server(grid: Grid, cfg: FlowerConfig) -> Path:
@@ -316,8 +359,9 @@ def run_server(grid: Grid, cfg: FlowerConfig) -> Path:
             "database": {k: about[k] for k in ("dataset", "backbone", "dim")}, "git_commit": train.git_commit(),
             "packages": package_versions()})
         tic = time.perf_counter()
+        randomness = args.randomness or "secret"
         ctx = RunContext(clients=[], n_classes=len(about["classes"]), dim=about["dim"], seed=seed,
-                         rounds=args.rounds, device=torch.device("cpu"))
+                         rounds=args.rounds, device=torch.device("cpu"), randomness=randomness)
         method = cls(ctx, method_cfg)  # the server's part: the shared model, no client
         fed = Federation(grid, cfg, clients)
         history: list[dict] = []
@@ -325,26 +369,24 @@ def run_server(grid: Grid, cfg: FlowerConfig) -> Path:
         for rnd in range(args.rounds):
             content = {"shared": ArrayRecord(method.shared_state()), "config": ConfigRecord({"round": rnd})}
             replies = fed.ask("train", content, f"round {rnd}")
-            payloads = [ctx.uplink.send(c, r["payload"].to_torch_state_dict()) for c, r in replies]
-            sizes = {c: float(r["metrics"]["weight"]) for c, r in replies}
-            weights = method.normalized(list(sizes.values()))
-            method.receive(method.aggregate(payloads, weights))
-            losses = [float(r["metrics"]["train_loss"]) for _, r in replies]
-            history.append({"round": rnd, "train_loss": sum(losses) / len(losses), "clients": len(replies)})
+            payloads = [ctx.uplink.deliver(c, "update", r["payload"].to_torch_state_dict()) for c, r in replies]
+            sizes = {c: float(ctx.uplink.deliver(c, "size", r["size"].to_torch_state_dict())[SIZE_FIELD]) for c, r in replies}
+            method.receive(method.aggregate(payloads, method.normalized(list(sizes.values()))))
+            history.append({"round": rnd, "clients": len(replies)})
             atomic_write_text(run_dir / METRICS, "".join(json.dumps(m, sort_keys=True) + "\n" for m in history))
-            log(INFO, "[%s] round %d/%d: train_loss %.4g from %d clients", name, rnd + 1, args.rounds,
-                history[-1]["train_loss"], len(replies))
+            log(INFO, "[%s] round %d/%d: %d clients", name, rnd + 1, args.rounds, len(replies))
         replies = fed.ask("query.release", {}, "release")
-        released = [r["release"].to_torch_state_dict() for _, r in replies]
-        released = [ctx.uplink.send(c, r) if r else r for (c, _), r in zip(replies, released)]
+        released = [ctx.uplink.deliver(c, "release", r["release"].to_torch_state_dict()) for c, r in replies]
         final = method.finalize(released, method.normalized([sizes[c] for c, _ in replies]))
         replies = fed.ask("evaluate", {"final": ArrayRecord(final)}, "final evaluation")
-        outs = [json.loads(r["result"]["json"]) for _, r in replies]
+        finals = {c: json.loads(r["result"]["json"]) for c, r in replies}
         info = RunInfo(method=name, dataset=dataset, seed=seed, split=train.split_info(split))
-        results = results_record(info, rounds=args.rounds, clients=[o["client"] for o in outs],
-                                 uplink_bytes=ctx.uplink.bytes_sent, report=merge_reports([o["report"] for o in outs]),
-                                 wall_s=time.perf_counter() - tic)
-        results["flower"] = {"nodes": len(clients), "lost_clients": fed.lost}
+        clients_out = [{"id": c, **{k: f[k] for k in FINAL_FIELDS if k != "epsilon_spent"}} for c, f in sorted(finals.items())]
+        results = results_record(info, rounds=args.rounds, clients=clients_out, uplink_bytes=ctx.uplink.bytes_sent,
+                                 report=server_report(method_cfg, finals, randomness), wall_s=time.perf_counter() - tic)
+        results["randomness"] = randomness
+        results["flower"] = {"nodes": len(clients), "lost_clients": fed.lost, "not_received": NOT_RECEIVED,
+                             "node_results": "each node's results-dir (node config; default <client-db>_results)"}
         atomic_write_json(run_dir / RESULTS, results)
     log(INFO, "[%s] results: %s (bacc %.4f)", name, run_dir / RESULTS, results["summary"]["bacc_mean"])
     return run_dir

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from data.io import UserError, atomic_torch_save, atomic_write_json, atomic_write_text
 from federated.evaluation import client_metrics, summarize
-from federated.methods.base import Method
+from federated.methods.base import FederatedMethod, Method
 
 RESULTS, METRICS, CHECKPOINT, LOCK = "results.json", "metrics.jsonl", "checkpoint.pt", "run.lock"
 
@@ -109,16 +109,20 @@ def run_locked(method: Method, info: RunInfo, run_dir: Path, *, progress: bool, 
         if stop_after is not None and rnd + 1 - start >= stop_after:
             raise InterruptedError(f"stopped after round {rnd}")
     method.finish()
-    results = results_record(info, rounds=rounds, clients=client_results(method),
+    clients = client_results(method)
+    publish_final(method, clients)
+    results = results_record(info, rounds=rounds, clients=clients,
                              uplink_bytes=method.ctx.uplink.bytes_sent, report=method.report(),
                              wall_s=wall + time.perf_counter() - tic)
+    results["randomness"] = method.ctx.randomness
     atomic_write_json(run_dir / RESULTS, results)
     (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return results
 
 
 def client_results(method: Method) -> list[dict]:
-    """Each client's test metrics of its final model (after finish())."""
+    """Each client's test metrics of its final model (after finish()), with its exact split sizes:
+    the clients' own records (what a client publishes of it is its final_message)."""
     out = []
     for c in method.ctx.clients:
         with torch.no_grad():
@@ -126,6 +130,13 @@ def client_results(method: Method) -> list[dict]:
         out.append({"id": c.id, "n_train": c.n_train, "n_val": len(c.y_val), "n_test": len(c.y_test),
                     **client_metrics(c.y_test, pred)})
     return out
+
+
+def publish_final(method: Method, clients: list[dict]) -> None:
+    """The simulated clients' last messages: their test metrics and epsilon, through the channel."""
+    if isinstance(method, FederatedMethod):
+        for i, record in enumerate(clients):
+            method.ctx.uplink.send(method, i, "final", method.final_message(i, record))
 
 
 def results_record(info: RunInfo, *, rounds: int, clients: list[dict], uplink_bytes: int, report: dict,

@@ -39,6 +39,17 @@ class PrivacyConfig:
     accountant: str = "prv"
     count_noise: float = 100.0  # std (in samples) of the noisy client size released for aggregation weights
 
+    def __post_init__(self) -> None:  # checked when the flags are read, before anything is written
+        if self.accountant not in ACCOUNTANTS:
+            raise UserError(f"--accountant {self.accountant!r} is unknown; valid: {', '.join(ACCOUNTANTS)}")
+        if self.enabled:
+            if not self.target_epsilon > 0:
+                raise UserError(f"--epsilon must be > 0, got {self.target_epsilon} (or pass --no-dp to train without DP)")
+            if not 0 < self.delta < 1:
+                raise UserError(f"--delta must lie in (0, 1), got {self.delta}")
+            if not self.max_grad_norm > 0 or not self.count_noise > 0:
+                raise UserError(f"--max-grad-norm and --count-noise must be > 0, got {self.max_grad_norm}, {self.count_noise}")
+
 
 History = list[tuple[float, float, int]]  # (noise_multiplier, sample_rate, steps), Opacus's format
 
@@ -65,10 +76,6 @@ def calibrate_noise(plan: Callable[[float], History], cfg: PrivacyConfig, tolera
     epsilon is close to proportional to 1/sigma, so after bracketing with the fast RDP accountant
     (a bisection, as opacus.accountants.utils.get_noise_multiplier) the chosen accountant is
     refined by proportional steps kept inside the bracket; only a feasible sigma is ever returned."""
-    if cfg.accountant not in ACCOUNTANTS:
-        raise UserError(f"--accountant {cfg.accountant!r} is unknown; valid: {', '.join(ACCOUNTANTS)}")
-    if cfg.target_epsilon <= 0 or not 0 < cfg.delta < 1:
-        raise UserError(f"--epsilon must be > 0 and --delta in (0, 1), got {cfg.target_epsilon}, {cfg.delta}")
     target = cfg.target_epsilon
 
     def eps(sigma: float, fast: bool = False) -> float:
@@ -174,6 +181,9 @@ def clipped_grad_sum(model: nn.Module, per_sample_loss: Callable[[], torch.Tenso
         for h in handles:
             h.remove()
     n_records = len(losses)
+    if n_records == 0:  # an empty Poisson batch: a zero sum (the caller adds the noise, as Opacus does)
+        return ({n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad},
+                torch.zeros(0, device=losses.device))
     names = [n for n in layers if n in outputs and any(p.requires_grad for p in layers[n].parameters(recurse=False))]
     out_grads = dict(zip(names, torch.autograd.grad(losses.sum(), [outputs[n] for n in names], allow_unused=True)))
     sq_norms = torch.zeros(n_records, device=losses.device)

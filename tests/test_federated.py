@@ -78,7 +78,7 @@ def test_fedavg_round_is_the_sample_weighted_average_of_local_models(tiny_db):
     clients = build_clients(db, SplitConfig(n_clients=3, min_samples=5), 0, torch.device("cpu"))
     method = FedAvg(RunContext(clients, 4, db.dim, 0, 1, torch.device("cpu")), FedAvgConfig())
     sent = []
-    method.ctx.uplink.observers.append(lambda cid, payload: sent.append(payload))
+    method.ctx.uplink.observers.append(lambda cid, kind, payload: sent.append(payload) if kind == "update" else None)
     method.run_round(0)
     n = torch.tensor([c.n_train for c in clients], dtype=torch.float64)
     expected = sum((n[i] / n.sum()).item() * sent[i]["weight"] for i in range(3))

@@ -96,25 +96,26 @@ def run_hv(db, out, *extra, seeds=("1",)):
 
 
 def test_codes_and_encoders_stay_on_the_client_and_codes_stay_bounded(tiny_db, tmp_path, monkeypatch):
-    from federated.methods.base import Channel
+    from federated.channel import Channel
     from federated.methods.fedhypevae import FedHypeVAE
     seen, codes = [], []
-    original_send, original_train = Channel.send, FedHypeVAE.local_train
+    original_send, original_train = Channel.deliver, FedHypeVAE.local_train
 
-    def spy(self, client_id, payload):
-        seen.append({k: v.detach().clone() for k, v in payload.items()})
-        return original_send(self, client_id, payload)
+    def spy(self, client_id, kind, payload):
+        if kind != "final":
+            seen.append({k: v.detach().clone() for k, v in payload.items()})
+        return original_send(self, client_id, kind, payload)
 
     def train_and_check(self, i, rnd):
         out = original_train(self, i, rnd)
         codes.append(self.models[i].code.weight.detach().clone())
         return out
-    monkeypatch.setattr(Channel, "send", spy)
+    monkeypatch.setattr(Channel, "deliver", spy)
     monkeypatch.setattr(FedHypeVAE, "local_train", train_and_check)
     run_hv(tiny_db, tmp_path / "r", "--code-radius", "0.5")
     hyper_keys = set(HyperNetwork(16, 4, 8, 32, 3, 3, 8, 8, 2).state_dict())
     for payload in seen:
-        assert set(payload) in ({"n_train"}, {"class_stats"}, hyper_keys), set(payload)
+        assert set(payload) in ({"size"}, {"class_stats"}, hyper_keys), set(payload)
         for t in payload.values():
             for code in codes:
                 assert t.shape != code.shape or not torch.allclose(t, code)

@@ -67,14 +67,23 @@ def test_min_samples_and_manifest():
                for c in manifest["clients"]) == len(LABELS)
 
 
+@pytest.mark.parametrize("settings,message", [
+    (dict(alpha=0.0), "--alpha must be > 0"),
+    (dict(alpha=-1.0), "--alpha must be > 0"),
+    (dict(n_clients=0), "--n-clients must be >= 1"),
+    (dict(test_frac=1.0), "must lie in"),
+    (dict(kind="pathological"), "is unknown; valid: dirichlet, iid, natural"),
+])
+def test_invalid_split_settings_are_refused_when_the_flags_are_read(settings, message):
+    with pytest.raises(UserError, match=message):
+        SplitConfig(**settings)
+
+
 @pytest.mark.parametrize("cfg,groups,message", [
-    (SplitConfig(alpha=0.0), None, "--alpha must be > 0"),
-    (SplitConfig(alpha=-1.0), None, "--alpha must be > 0"),
     (SplitConfig(n_clients=5000), None, "exceeds the 3000 samples"),
     (SplitConfig(n_clients=200, alpha=0.01, min_samples=10), None, "no Dirichlet draw"),
     (SplitConfig(kind="natural"), None, "needs a database with groups"),
     (SplitConfig(kind="natural", n_clients=3), np.zeros(3000, int), "has 1 groups"),
-    (SplitConfig(kind="pathological"), None, "is unknown; valid: dirichlet, iid, natural"),
 ])
 def test_impossible_splits_are_clear_errors(cfg, groups, message):
     with pytest.raises(UserError, match=message):

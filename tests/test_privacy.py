@@ -17,7 +17,9 @@ from models.cgan import Discriminator
 from tests.test_federated import FAST, results_of, strip_timing
 import train
 
-DP_FAST = [*FAST, "--accountant", "rdp", "--gen-batch-size", "64", "--gen-local-epochs", "1", "--latent", "8", "--cvae-hidden", "32"]
+# --count-noise 10: the tiny clients (~130 records) keep a released size near their own, so q < 1
+DP_FAST = [*FAST, "--accountant", "rdp", "--gen-batch-size", "64", "--gen-local-epochs", "1", "--latent", "8", "--cvae-hidden", "32",
+           "--count-noise", "10"]
 
 
 def cvae_batch(n=12, dim=10, classes=3, seed=0):
@@ -123,14 +125,15 @@ def test_doubling_rounds_raises_the_noise_multiplier(tiny_db, tmp_path):
 @pytest.mark.parametrize("method", ["dpcvae", "dpcgan"])
 def test_server_receives_only_model_weights(tiny_db, tmp_path, monkeypatch, method):
     from data.database import load_database
-    from federated.methods.base import Channel
+    from federated.channel import Channel
     seen = []
-    original = Channel.send
+    original = Channel.deliver
 
-    def spy(self, client_id, payload):
-        seen.append({k: v.detach().clone() for k, v in payload.items()})
-        return original(self, client_id, payload)
-    monkeypatch.setattr(Channel, "send", spy)
+    def spy(self, client_id, kind, payload):
+        if kind != "final":
+            seen.append({k: v.detach().clone() for k, v in payload.items()})
+        return original(self, client_id, kind, payload)
+    monkeypatch.setattr(Channel, "deliver", spy)
     run_dp(tiny_db, tmp_path / "r", "--method", method)
     db = load_database(tiny_db)
     expected = ({f"net.{k}" for k in ("0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias")}
@@ -138,7 +141,7 @@ def test_server_receives_only_model_weights(tiny_db, tmp_path, monkeypatch, meth
                 {f"{i}.{p}" for i in (0, 2, 4, 6) for p in ("weight", "bias")})
     records = torch.from_numpy(db.embeddings)
     for payload in seen:
-        assert set(payload) == {"n_train"} or set(payload) == expected, set(payload)
+        assert set(payload) == {"size"} or set(payload) == expected, set(payload)
         for tensor in payload.values():
             flat = tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() > 1 else tensor.reshape(1, -1)
             if flat.shape[-1] == records.shape[1]:  # a row the size of an embedding: is it one?
@@ -215,3 +218,13 @@ def test_parameter_counts_match_the_reference_and_check_the_5x_claim():
     assert (count(cvae), count(cvae.decoder)) == (740_296, 357_632)
     assert (count(gen) + count(disc), count(gen)) == (2_693_889, 1_369_856)
     assert 3.5 < (count(gen) + count(disc)) / count(cvae) < 3.7
+
+
+def test_empty_batch_clipped_sum_is_zero_and_its_step_is_pure_noise():
+    model, x, y, eps = cvae_batch(n=0)
+    summed, norms = clipped_grad_sum(model, lambda: model.per_sample_loss(x, y, eps, 0.1), max_grad_norm=1.0)
+    assert len(norms) == 0 and all(torch.count_nonzero(g) == 0 for g in summed.values())
+    noisy = add_noise(summed, noise_multiplier=2.0, max_grad_norm=1.5, expected_batch_size=4.0,
+                      generator=torch.Generator().manual_seed(0))
+    flat = torch.cat([g.flatten() for g in noisy.values()])
+    assert flat.std().item() == pytest.approx(2.0 * 1.5 / 4.0, rel=0.05)

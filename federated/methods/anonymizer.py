@@ -18,6 +18,7 @@ from data.io import UserError
 from federated.clients import ClientData, make_generator, poisson_batch
 from federated.evaluation import client_metrics
 from federated.fidelity import ReleaseEvalConfig, fidelity_report
+from federated.channel import SIZE_LEDGER
 from federated.methods.base import (BATCHES, DOWNSTREAM, LATENT, NOISE, RELEASE_EVAL, SERVER, SYNTH, FederatedMethod,
                                     RunContext)
 from federated.privacy import ClientAccountant, PrivacyConfig, add_noise, calibrate_noise, clipped_grad_sum, epsilon_of
@@ -72,26 +73,48 @@ class Anonymizer(FederatedMethod):
         if cfg.gen.batch_size < 1 or cfg.gen.local_epochs < 1:
             raise UserError("--gen-batch-size and --gen-local-epochs must be >= 1")
         self.privacy = cfg.privacy
-        # Opacus's convention: q = 1 / (batches per epoch), that many Poisson steps per epoch
-        self.steps_per_epoch = [math.ceil(c.n_train / cfg.gen.batch_size) for c in ctx.clients]
-        self.sample_rates = [1 / s for s in self.steps_per_epoch]
-        self.noise_gens = [make_generator(ctx.seed, c.id, NOISE) for c in ctx.clients]
-        self.batch_gens = [make_generator(ctx.seed, c.id, BATCHES) for c in ctx.clients]
-        self.latent_gens = [make_generator(ctx.seed, c.id, LATENT) for c in ctx.clients]
+        self.noise_gens = [ctx.private_generator(c.id, NOISE) for c in ctx.clients]
+        self.batch_gens = [ctx.private_generator(c.id, BATCHES) for c in ctx.clients]
+        self.latent_gens = [ctx.private_generator(c.id, LATENT) for c in ctx.clients]
         self.accountants = [ClientAccountant(self.privacy) for _ in ctx.clients]
         self._noise_multipliers: list[float] | None = None  # calibrated when first needed (see below)
-        self.released_sizes: list[float] = []  # the (noisy) client sizes behind the aggregation weights
-        for i, c in enumerate(ctx.clients):
-            if self.privacy.enabled:
-                count_sigma = self.privacy.count_noise  # sensitivity 1: the noise multiplier is the std
-                self.accountants[i].release("n_train", count_sigma)
-                size = max(c.n_train + count_sigma * float(torch.randn(1, generator=self.noise_gens[i])), 1.0)
-            else:
-                size = float(c.n_train)
-            # released once (the Flower client repeats the same number with each reply: no new release)
-            self.released_sizes.append(float(ctx.uplink.send(c.id, {"n_train": torch.tensor([size])})["n_train"]))
+        self._released_sizes: list[float] | None = None     # released when first needed (see below)
         self.synthetic_sizes: dict[int, int] = {}
         self.release_eval: dict = {}
+
+    # --- public sizes --------------------------------------------------------------------------
+    @property
+    def released_sizes(self) -> list[float]:
+        """Each client's size as the server sees it: under DP, n_i + N(0, count_noise^2) (sensitivity 1,
+        one Gaussian release in the ledger), released once and kept in state (a Flower client
+        rebuilds its method for every message and repeats the same number: no new release)."""
+        if self._released_sizes is None:
+            sizes = []
+            for i, c in enumerate(self.ctx.clients):
+                if self.privacy.enabled:
+                    self.accountants[i].release(SIZE_LEDGER, self.privacy.count_noise)
+                    sizes.append(c.n_train + self.privacy.count_noise * float(torch.randn(1, generator=self.noise_gens[i])))
+                else:
+                    sizes.append(float(c.n_train))
+            self._released_sizes = sizes
+        return self._released_sizes
+
+    def public_size(self, i: int) -> float:
+        """The size that shapes client i's training (q, steps, the gradient's scale, fake batches):
+        the released one, never the exact n_i (post-processing of the release)."""
+        return max(self.released_sizes[i], 1.0)
+
+    @property
+    def steps_per_epoch(self) -> list[int]:
+        # Opacus's convention: q = 1 / (batches per epoch), that many Poisson steps per epoch
+        return [math.ceil(self.public_size(i) / self.cfg.gen.batch_size) for i in range(len(self.ctx.clients))]
+
+    @property
+    def sample_rates(self) -> list[float]:
+        return [1 / s for s in self.steps_per_epoch]
+
+    def expected_batch(self, i: int) -> float:
+        return self.sample_rates[i] * self.public_size(i)
 
     @property
     def noise_multipliers(self) -> list[float]:
@@ -107,8 +130,9 @@ class Anonymizer(FederatedMethod):
         if not self.privacy.enabled:
             return [0.0] * len(self.ctx.clients)
         count_sigma, calibrated, out = self.privacy.count_noise, {}, []
+        rates, steps = self.sample_rates, self.steps_per_epoch
         for i in range(len(self.ctx.clients)):
-            q, total = self.sample_rates[i], self.ctx.rounds * self.cfg.gen.local_epochs * self.steps_per_epoch[i]
+            q, total = rates[i], self.ctx.rounds * self.cfg.gen.local_epochs * steps[i]
             if (q, total) not in calibrated:  # clients with the same plan share one calibration
                 calibrated[q, total] = calibrate_noise(
                     lambda s: [(count_sigma, 1.0, 1), *self.planned_history(s, q, total)], self.privacy)
@@ -125,7 +149,7 @@ class Anonymizer(FederatedMethod):
 
     def privatize(self, i: int, summed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Noise + scaling of a clipped gradient sum, and one accountant step for client i."""
-        expected = self.sample_rates[i] * self.ctx.clients[i].n_train
+        expected = self.expected_batch(i)
         if not self.privacy.enabled:
             return {n: g / expected for n, g in summed.items()}
         self.accountants[i].step(self.noise_multipliers[i], self.sample_rates[i])
@@ -137,18 +161,21 @@ class Anonymizer(FederatedMethod):
     def clip_norm(self) -> float:
         return self.privacy.max_grad_norm if self.privacy.enabled else float("inf")
 
-    def private_gradients(self, i: int, model: torch.nn.Module, per_sample_loss: Callable[[], torch.Tensor]
-                          ) -> tuple[dict[str, torch.Tensor], float | None]:
-        """One DP-SGD gradient of client i: clipped per-record sum, noise, accountant step. Also the
-        batch's mean loss (None for an empty Poisson batch)."""
+    def private_gradients(self, i: int, model: torch.nn.Module, per_sample_loss: Callable[[], torch.Tensor],
+                          n_records: int) -> tuple[dict[str, torch.Tensor], float | None]:
+        """One DP-SGD gradient of client i over a Poisson batch of n_records: clipped per-record sum,
+        noise, accountant step. Also the batch's mean loss. An empty batch (it happens at small
+        expected batch sizes) is a zero sum plus noise, as in Opacus, and has no loss (None)."""
+        if n_records == 0:
+            summed = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
+            return self.privatize(i, summed), None
         losses = []
 
         def recorded() -> torch.Tensor:
             losses.append(per_sample_loss())
             return losses[-1]
         summed, _ = clipped_grad_sum(model, recorded, self.clip_norm)
-        mean = float(losses[0].detach().mean()) if len(losses[0]) else None
-        return self.privatize(i, summed), mean
+        return self.privatize(i, summed), float(losses[0].detach().mean())
 
     def latent_noise(self, n: int, dim: int, gen: torch.Generator) -> torch.Tensor:
         """Latent draws for synthesis, with the configured variance."""
@@ -169,6 +196,12 @@ class Anonymizer(FederatedMethod):
 
     def upload_weight(self, i: int) -> float:
         return self.released_sizes[i]
+
+    def ledger_names(self, i: int) -> set[str] | None:
+        return {r["what"] for r in self.accountants[i].releases} if self.privacy.enabled else None
+
+    def epsilon_spent(self, i: int) -> float | None:
+        return self.accountants[i].epsilon() if self.privacy.enabled else None
 
     def round_metrics(self, rnd: int, losses: list[float]) -> dict:
         metrics = super().round_metrics(rnd, losses)
@@ -233,7 +266,8 @@ class Anonymizer(FederatedMethod):
     def anonymizer_state(self) -> dict:
         """Random streams and privacy ledgers: the state every anonymizer checkpoints."""
         return {**{key: [g.get_state() for g in getattr(self, key)] for key in self.GENERATORS},
-                "accountants": [a.state_dict() for a in self.accountants], "noise_multipliers": self._noise_multipliers}
+                "accountants": [a.state_dict() for a in self.accountants], "noise_multipliers": self._noise_multipliers,
+                "released_sizes": self._released_sizes}
 
     def load_anonymizer_state(self, state: dict) -> None:
         for key in self.GENERATORS:
@@ -241,7 +275,8 @@ class Anonymizer(FederatedMethod):
                 g.set_state(s)
         for a, s in zip(self.accountants, state["accountants"]):
             a.load_state_dict(s)
-        self._noise_multipliers = state.get("noise_multipliers")  # absent in older checkpoints: recalibrated
+        self._noise_multipliers = state["noise_multipliers"]
+        self._released_sizes = state["released_sizes"]
 
     def shared_parameters(self) -> dict[str, int]:
         raise NotImplementedError
@@ -251,22 +286,30 @@ class Anonymizer(FederatedMethod):
         return epsilon_of(history, self.privacy.delta, self.privacy.accountant)
 
     def report(self) -> dict:
+        """results.json's privacy block. epsilon_spent is the chosen accountant's; the other Opacus
+        accountant's figure for the same ledger stands beside it (PRV is tight, RDP an upper bound), so
+        no reader takes one accountant's number for all."""
+        other = {"prv": "rdp", "rdp": "prv"}[self.privacy.accountant]
         clients = []
         for i, c in enumerate(self.ctx.clients):
-            steps, dp = self.accountants[i].steps, self.privacy.enabled
-            clients.append({"id": c.id, "epsilon_spent": self.accountants[i].epsilon() if dp else None,
+            steps, dp, ledger = self.accountants[i].steps, self.privacy.enabled, self.accountants[i]
+            clients.append({"id": c.id, "epsilon_spent": ledger.epsilon() if dp else None,
+                            f"epsilon_spent_{other}": epsilon_of(ledger.history, self.privacy.delta, other) if dp else None,
                             "epsilon_training": self.epsilon_alone([(self.noise_multipliers[i], self.sample_rates[i], steps)]) if dp else None,
-                            "epsilon_releases": self.epsilon_alone([(r["noise_multiplier"], 1.0, 1) for r in self.accountants[i].releases]) if dp else None,
+                            "epsilon_releases": self.epsilon_alone([(r["noise_multiplier"], 1.0, 1) for r in ledger.releases]) if dp else None,
                             "noise_multiplier": self.noise_multipliers[i], "sample_rate": self.sample_rates[i],
-                            "steps": steps, "history": self.accountants[i].history,
-                            "releases": self.accountants[i].releases,
+                            "released_size": self.released_sizes[i],
+                            "steps": steps, "history": ledger.history, "releases": ledger.releases,
                             "n_synthetic": self.synthetic_sizes.get(c.id, 0)})
-        spent = [c["epsilon_spent"] for c in clients if c["epsilon_spent"] is not None]
+
+        def worst(key: str) -> float | None:
+            spent = [c[key] for c in clients if c[key] is not None]
+            return max(spent) if spent else None
         return {
             "privacy": {"enabled": self.privacy.enabled, "target_epsilon": self.privacy.target_epsilon if self.privacy.enabled else None,
                         "delta": self.privacy.delta, "accountant": self.privacy.accountant,
-                        "max_grad_norm": self.privacy.max_grad_norm, "clients": clients,
-                        "epsilon_spent_max": max(spent) if spent else None},
+                        "max_grad_norm": self.privacy.max_grad_norm, "randomness": self.ctx.randomness, "clients": clients,
+                        "epsilon_spent_max": worst("epsilon_spent"), f"epsilon_spent_max_{other}": worst(f"epsilon_spent_{other}")},
             "n_params": self.shared_parameters(),
             "synthesis": {"policy": self.cfg.synthesis.policy, "factor": self.cfg.synthesis.factor,
                           "per_class": self.cfg.synthesis.per_class},

@@ -1,33 +1,20 @@
-"""The interface every method implements, and the simulated client->server channel."""
+"""The interface every method implements, and what a run gives it (RunContext)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from federated.clients import ClientData, make_generator
+from data.io import UserError
+from federated.channel import FINAL_FIELDS, HELLO_FIELDS, SIZE_FIELD, Channel
+from federated.clients import RANDOMNESS, ClientData, make_generator, secret_generator
 from federated.training import OptimConfig, fit_classifiers
 
 # Purpose tags for make_generator(seed, client, PURPOSE): independent streams per use.
 INIT, BATCHES, NOISE, LATENT, DOWNSTREAM, SYNTH = range(6)
 META, RELEASE_EVAL = 7, 8  # FedHypeVAE's meta-code fit; fidelity / audit sampling
 SERVER = 10_000  # the "client id" of server-side streams
-
-
-class Channel:
-    """Everything a client sends to the server passes through send(); observers see each message
-    (tests use them to check that only model weights/privatised gradients ever leave a client)."""
-
-    def __init__(self) -> None:
-        self.observers: list[Callable[[int, dict[str, torch.Tensor]], None]] = []
-        self.bytes_sent = 0
-
-    def send(self, client_id: int, payload: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        for observe in self.observers:
-            observe(client_id, payload)
-        self.bytes_sent += sum(t.numel() * t.element_size() for t in payload.values())
-        return payload
 
 
 @dataclass
@@ -38,7 +25,20 @@ class RunContext:
     seed: int
     rounds: int
     device: torch.device
+    randomness: str = "seeded"  # "secret": privacy-relevant client streams from OS entropy
     uplink: Channel = field(default_factory=Channel)
+
+    def __post_init__(self) -> None:
+        if self.randomness not in RANDOMNESS:
+            raise UserError(f"--randomness {self.randomness!r} is unknown; valid: {', '.join(RANDOMNESS)}")
+
+    def private_generator(self, client_id: int, purpose: int) -> torch.Generator:
+        """A client's stream for a privacy-relevant purpose (DP noise, Poisson masks, latents of DP
+        steps). Seeded streams are rebuilt by anyone who knows the run seed and the client id (the
+        server does): reproducible simulation only. Secret streams come from OS entropy."""
+        if self.randomness == "secret":
+            return secret_generator()
+        return make_generator(self.seed, client_id, purpose)
 
 
 class Method:
@@ -81,6 +81,10 @@ class Method:
         """Extra top-level blocks of results.json (privacy, n_params, per-client choices...)."""
         return {}
 
+    def epsilon_spent(self, i: int) -> float | None:
+        """The epsilon client i has spent (None: the method makes no DP promise)."""
+        return None
+
 
 def weighted_average(states: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
     """sum_i w_i * state_i, key by key (weights sum to one)."""
@@ -115,8 +119,37 @@ class FederatedMethod(Method):
         raise NotImplementedError
 
     def upload_weight(self, i: int) -> float:
-        """The size client i reports for aggregation."""
+        """The size client i reports for aggregation (exact: a method without a DP promise)."""
         return float(self.ctx.clients[i].n_train)
+
+    def release_spec(self) -> dict[str, tuple[int, ...] | None]:
+        """The fields (and tensor shapes) of client_release's message; none by default."""
+        return {}
+
+    def ledger_names(self, i: int) -> set[str] | None:
+        """What client i has released under DP (its ledger's entries); None: no DP promise."""
+        return None
+
+    # --- what may leave a client (federated/channel.py enforces it) --------------------------------
+    def outgoing_spec(self, kind: str) -> dict[str, tuple[int, ...] | None]:
+        if kind == "update":
+            return {k: tuple(v.shape) for k, v in self.update_template().items()}
+        if kind == "release":
+            return self.release_spec()
+        if kind == "size":
+            return {SIZE_FIELD: (1,)}
+        return dict.fromkeys(FINAL_FIELDS if kind == "final" else HELLO_FIELDS)
+
+    def update_template(self) -> dict[str, torch.Tensor]:
+        """A round's payload has the keys and shapes of this (the shared model, by default)."""
+        return self.shared_state()
+
+    def size_message(self, i: int) -> dict[str, torch.Tensor]:
+        return {SIZE_FIELD: torch.tensor([self.upload_weight(i)], dtype=torch.float64)}
+
+    def final_message(self, i: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """What client i publishes at the end: its test metrics and epsilon spent, nothing else."""
+        return {**{k: metrics[k] for k in FINAL_FIELDS if k != "epsilon_spent"}, "epsilon_spent": self.epsilon_spent(i)}
 
     def aggregate(self, payloads: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
         return weighted_average(payloads, weights)
@@ -136,7 +169,9 @@ class FederatedMethod(Method):
         """Client side, after the final broadcast: anything the clients' predictions need."""
 
     def round_metrics(self, rnd: int, losses: list[float]) -> dict:
-        return {"train_loss": sum(losses) / len(losses)}
+        """The simulation's per-round line. Prefixed local_: computed in-process from what the clients
+        keep (never sent; on Flower each node writes its own)."""
+        return {"local_train_loss_mean": sum(losses) / len(losses)}
 
     # --- the simulated round -------------------------------------------------------------------
     @staticmethod
@@ -145,16 +180,20 @@ class FederatedMethod(Method):
         n = torch.tensor(sizes, dtype=torch.float64)
         return (n / n.sum()).float()
 
+    def sent_sizes(self) -> list[float]:
+        up = self.ctx.uplink
+        return [float(up.send(self, i, "size", self.size_message(i))[SIZE_FIELD]) for i in range(len(self.ctx.clients))]
+
     def run_round(self, rnd: int) -> dict:
-        clients = self.ctx.clients
+        clients, up = self.ctx.clients, self.ctx.uplink
         results = self.train_clients(list(range(len(clients))), rnd)
-        payloads = [self.ctx.uplink.send(c.id, payload) for c, (payload, _) in zip(clients, results)]
-        self.receive(self.aggregate(payloads, self.normalized([self.upload_weight(i) for i in range(len(clients))])))
-        return self.round_metrics(rnd, [loss for _, loss in results])
+        payloads = [up.send(self, i, "update", payload) for i, (payload, _) in enumerate(results)]
+        self.receive(self.aggregate(payloads, self.normalized(self.sent_sizes())))
+        return {"clients": len(clients), **self.round_metrics(rnd, [loss for _, loss in results])}
 
     def finish(self) -> None:
-        clients = self.ctx.clients
+        clients, up = self.ctx.clients, self.ctx.uplink
         releases = [self.client_release(i) for i in range(len(clients))]
-        releases = [self.ctx.uplink.send(c.id, r) if r else r for c, r in zip(clients, releases)]
-        self.receive_final(self.finalize(releases, self.normalized([self.upload_weight(i) for i in range(len(clients))])))
+        releases = [up.send(self, i, "release", r) if r else r for i, r in enumerate(releases)]
+        self.receive_final(self.finalize(releases, self.normalized(self.sent_sizes())))
         self.finish_clients()

@@ -52,7 +52,7 @@ class DPCGAN(Anonymizer):
 
     def local_train(self, i: int, rnd: int) -> tuple[dict[str, torch.Tensor], float]:
         client, G, D = self.ctx.clients[i], self.generators[i], self.discriminators[i]
-        n_fake = max(1, round(self.sample_rates[i] * client.n_train))
+        n_fake = max(1, round(self.expected_batch(i)))
         total, steps = 0.0, 0
         for _ in range(self.cfg.gen.local_epochs * self.steps_per_epoch[i]):
             # discriminator: private gradient on real records + exact gradient on generated ones
@@ -61,7 +61,7 @@ class DPCGAN(Anonymizer):
             def real_loss():
                 logits = D(x, y)
                 return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
-            private, _ = self.private_gradients(i, D, real_loss)
+            private, _ = self.private_gradients(i, D, real_loss, len(idx))
             with torch.no_grad():
                 x_fake, y_fake = self.fake(i, n_fake)
             logits = D(x_fake, y_fake)

@@ -44,7 +44,7 @@ class DPCVAE(Anonymizer):
             idx = self.poisson_indices(i, self.batch_gens[i]).to(self.ctx.device)
             x, y = client.x_train[idx], client.y_train[idx]
             eps = torch.randn(len(idx), self.cfg.latent, generator=self.latent_gens[i]).to(x)
-            grads, loss = self.private_gradients(i, model, lambda: model.per_sample_loss(x, y, eps, self.cfg.beta))
+            grads, loss = self.private_gradients(i, model, lambda: model.per_sample_loss(x, y, eps, self.cfg.beta), len(idx))
             for name, p in model.named_parameters():
                 p.grad = grads[name]
             opt.step()

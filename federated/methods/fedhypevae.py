@@ -159,7 +159,7 @@ class FedHypeVAE(Anonymizer):
             eps = torch.randn(len(idx), cfg.latent, generator=self.latent_gens[i]).to(x)
             zeta = torch.randn(len(idx), cfg.mmd_samples, cfg.latent, generator=self.latent_gens[i]).to(x)
             grads, loss = self.private_gradients(i, model, lambda: model.per_sample_loss(
-                x, y, eps, zeta, beta=cfg.beta, lambda_mmd=cfg.lambda_mmd, bandwidths=cfg.mmd_bandwidths))
+                x, y, eps, zeta, beta=cfg.beta, lambda_mmd=cfg.lambda_mmd, bandwidths=cfg.mmd_bandwidths), len(idx))
             # record-free regularisers (Eq. 5): exact gradients, no privacy cost
             reg_params = [model.code.weight, *[m.weight for m in model.hyper.hyper_layers()]]
             reg = cfg.lambda_v * model.code.weight.pow(2).sum() + cfg.lambda_lip * lipschitz_penalty(model.hyper)
@@ -245,6 +245,9 @@ class FedHypeVAE(Anonymizer):
 
     def client_release(self, i: int) -> dict[str, torch.Tensor]:
         return {"class_stats": self.release_class_stats(i)}
+
+    def release_spec(self) -> dict[str, tuple[int, ...]]:
+        return {"class_stats": (self.ctx.n_classes, 2 * self.ctx.dim + 1)}
 
     def finalize(self, releases: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """The summed class statistics -> meta-code(s); broadcast with the final hypernetwork."""
