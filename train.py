@@ -6,10 +6,13 @@ Each seed writes results/<dataset>/<method>/<tag>/seed=<s>/{config,results}.json
 """
 from __future__ import annotations
 
+import os
+
 import argparse
 import dataclasses
 import json
 import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -175,7 +178,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, default=Path("results"), help="results root")
     g.add_argument("--tag", default=None, help="run-folder tag (default: derived from the split)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 1: our small matrices gain little from more, and torch's "
+                        "one-per-core threads spin and slow down 2.5x on a shared machine; benchmarks/threads.py; "
+                        "TRAIN_THREADS_DEFAULT=off keeps torch's own choice)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
@@ -250,12 +256,36 @@ def split_info(split: dict) -> dict:
             "n_clients": split["n_clients"], "split_seed": split["split_seed"]}
 
 
+def summary_line(method_name: str, seed: int, results: dict) -> str:
+    """The terminal's last word on a run: accuracy, epsilon against its target, TSTR, audit and its power."""
+    s = results["summary"]
+    parts = [f"{method_name} seed={seed}: acc {100 * s['acc_mean']:.2f} ± {100 * s['acc_std']:.2f}  "
+             f"bacc {100 * s['bacc_mean']:.2f} ± {100 * s['bacc_std']:.2f}"]
+    privacy = results.get("privacy")
+    if privacy and privacy["enabled"]:
+        other = next((k for k in privacy if k.startswith("epsilon_spent_max_")), None)
+        beside = f"; {other.rsplit('_', 1)[1].upper()} {privacy[other]:.3f}" if other and privacy[other] is not None else ""
+        parts.append(f"ε spent {privacy['epsilon_spent_max']:.4f} of {privacy['target_epsilon']:g} "
+                     f"(max over clients, {privacy['accountant'].upper()}{beside})")
+    elif privacy:
+        parts.append("no DP")
+    if "fidelity" in results:
+        parts.append(f"TSTR bacc {100 * results['fidelity']['tstr']['bacc']:.1f}")
+    if "audit" in results:
+        audit = results["audit"]
+        power = f" (power: canary {audit['canary']['dcr']['auc']:.2f})" if "canary" in audit else ""
+        parts.append(f"audit DCR AUC {audit['dcr']['auc']:.2f}{power}")
+    return " | ".join(parts)
+
+
 def main(args: argparse.Namespace) -> int:
     if args.db is None:
         raise UserError("--db is required: the embedding database folder (e.g. assets/organamnist_vits14_224)")
     method_name, method_cls, method_cfg = method_setup(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or os.environ.get("TRAIN_THREADS_DEFAULT", "on") != "off":
+        torch.set_num_threads(args.threads or 1)
+    if args.progress:
+        print(f"threads: {torch.get_num_threads()} (--threads N to change)", file=sys.stderr)
     db = load_database(args.db)
     dataset = args.dataset_name or db.manifest.get("dataset") or db.path.name
     split = SplitConfig(kind=args.split_kind, n_clients=args.n_clients, alpha=args.alpha,
@@ -292,10 +322,8 @@ def main(args: argparse.Namespace) -> int:
         info = RunInfo(method=method_name, dataset=dataset, seed=seed, split=split_info(dataclasses.asdict(split)))
         results = (read_json(run_dir / RESULTS, what="results") if (run_dir / RESULTS).exists()
                    else run(method, info, run_dir, progress=args.progress))
-        s = results["summary"]
-        summaries.append(s)
-        print(f"{method_name} seed={seed}: acc {100 * s['acc_mean']:.2f} ± {100 * s['acc_std']:.2f}  "
-              f"bacc {100 * s['bacc_mean']:.2f} ± {100 * s['bacc_std']:.2f}  -> {run_dir}")
+        summaries.append(results["summary"])
+        print(f"{summary_line(method_name, seed, results)}  -> {run_dir}")
     if len(summaries) > 1:
         acc = np.array([s["acc_mean"] for s in summaries])
         bacc = np.array([s["bacc_mean"] for s in summaries])

@@ -8,8 +8,8 @@ CPU time (user + sys of the run) and the slowdown busy / idle. The results are t
     python benchmarks/threads.py --rounds 2 --json benchmarks/measured/threads.json
 
 Candidates: torch's default (one thread per core, OpenMP threads spin while they wait), --threads 1,
-OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep instead of spinning), and --threads 2 with the passive
-policy. train.py's default is the one this benchmark found to lose least when the machine is shared.
+OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep instead of spinning), and train.py's default, which is
+the one this benchmark found to lose least when the machine is shared (--threads 1).
 """
 from __future__ import annotations
 
@@ -30,16 +30,16 @@ from data.io import HelpFormatter, atomic_write_json, run_cli  # noqa: E402
 # name -> (extra train.py flags, environment overrides); TRAIN_THREADS_DEFAULT=off: train.py applies no default of its own
 CANDIDATES = {
     "torch default": ([], {"OMP_WAIT_POLICY": "", "TRAIN_THREADS_DEFAULT": "off"}),
-    "--threads 1": (["--threads", "1"], {"OMP_WAIT_POLICY": "", "TRAIN_THREADS_DEFAULT": "off"}),
+    "--threads 1": (["--threads", "1"], {"OMP_WAIT_POLICY": ""}),
     "OMP_WAIT_POLICY=PASSIVE": ([], {"OMP_WAIT_POLICY": "PASSIVE", "TRAIN_THREADS_DEFAULT": "off"}),
-    "train.py default": ([], {}),
+    "train.py default": ([], {"OMP_WAIT_POLICY": ""}),
 }
 
 
 def run_once(flags: list[str], env: dict[str, str], rounds: int, busy: bool) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, str(ROOT / "train.py"), "--db", str(ROOT / "assets" / "organamnist_vits14_224"),
-               "--method", "dpcvae", "--rounds", str(rounds), "--out", out, "--no-progress", *flags]
+               "--method", "dpcvae", "--rounds", str(rounds), "--out", out, *flags]
         full_env = {**os.environ, **env}
         for key in [k for k, v in env.items() if v == ""]:
             full_env.pop(key)
@@ -56,7 +56,7 @@ def run_once(flags: list[str], env: dict[str, str], rounds: int, busy: bool) -> 
                 hog.wait()
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-        threads = next((line.split("threads:")[1].strip() for line in done.stdout.splitlines() if "threads:" in line), "?")
+        threads = next((line.split("threads:")[1].split()[0] for line in done.stderr.splitlines() if line.startswith("threads:")), "?")
         return {"wall_s": round(wall, 2), "cpu_s": round(after.children_user + after.children_system
                                                          - before.children_user - before.children_system, 2),
                 "threads": threads}
@@ -72,6 +72,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"{name:26s} idle {idle['wall_s']:7.1f} s (cpu {idle['cpu_s']:7.1f} s)   beside a busy process "
               f"{busy['wall_s']:7.1f} s (cpu {busy['cpu_s']:7.1f} s)   x{rows[-1]['slowdown']:.2f}", flush=True)
     if args.json:
+        if args.json.exists():  # keep rows measured earlier for the other candidates
+            earlier = json.loads(args.json.read_text())["rows"]
+            rows = [r for r in earlier if r["candidate"] not in args.candidates] + rows
         atomic_write_json(args.json, {"command": f"train.py --db assets/organamnist_vits14_224 --method dpcvae "
                                                  f"--rounds {args.rounds}", "cores": os.cpu_count(), "rows": rows})
     return 0

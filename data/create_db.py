@@ -11,6 +11,7 @@ finished database is left as it is.
 from __future__ import annotations
 
 import argparse
+import json
 import contextlib
 import shutil
 import sys
@@ -79,7 +80,10 @@ def create_database(*, dataset: DatasetConfig, backbone: BackboneConfig, extract
     """Builds (or finishes, or leaves alone) the database in `out`; returns its manifest."""
     out = Path(out)
     if (out / "manifest.json").exists():
-        manifest = read_json(out / "manifest.json", what="database manifest")
+        try:
+            manifest = json.loads((out / "manifest.json").read_text())
+        except json.JSONDecodeError:
+            manifest = {}  # corrupt: built again below, and the manifest rewritten
         if manifest.get("complete"):
             return manifest
     source = load_dataset(dataset)

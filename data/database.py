@@ -46,7 +46,9 @@ def load_database(path: Path) -> Database:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"--db {path}: no such directory (make one with data/create_db.py)")
-    manifest = read_json(path / "manifest.json", what="database manifest")
+    manifest = read_json(path / "manifest.json", what="database manifest",
+                         fix=f"re-create the database: run data/create_db.py again with --database-root {path} "
+                             "and the same --dataset and --backbone (it rewrites the manifest)")
     classes = manifest.get("classes")
     if not isinstance(classes, list) or not classes:
         raise UserError(f"{path / 'manifest.json'}: has no 'classes' list")

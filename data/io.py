@@ -100,13 +100,14 @@ def append_jsonl(path: Path, record: dict) -> None:
         os.fsync(fh.fileno())
 
 
-def read_json(path: Path, *, what: str) -> Any:
+def read_json(path: Path, *, what: str, fix: str = "delete it and re-run the same command") -> Any:
+    """A JSON file; a missing or corrupt one is a one-line UserError ending with advice that works."""
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise UserError(f"{path}: {what} not found") from None
     except json.JSONDecodeError as err:
-        raise UserError(f"{path}: {what} is not valid JSON ({err}); delete it and re-run") from None
+        raise UserError(f"{path}: {what} is not valid JSON ({err}); {fix}") from None
 
 
 def sha256_file(path: Path) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,6 +64,20 @@ def run_lock(run_dir: Path):
         lock.unlink(missing_ok=True)
 
 
+def phase_lines(label: str):
+    """RunContext.phase for a terminal: one line per phase of a run, ended with its time."""
+    @contextmanager
+    def phase(name: str):
+        sys.stderr.write(f"{label}: {name} ...")
+        sys.stderr.flush()
+        tic = time.perf_counter()
+        try:
+            yield
+        finally:
+            sys.stderr.write(f" {time.perf_counter() - tic:.1f} s\n")
+    return phase
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """What results.json says about the run besides its numbers."""
@@ -88,20 +103,27 @@ def run_locked(method: Method, info: RunInfo, run_dir: Path, *, progress: bool, 
         return json.loads((run_dir / RESULTS).read_text())
     rounds = method.ctx.rounds if method.federated else 0
     start, history, wall = 0, [], 0.0
+    label = f"{info.method} seed={info.seed}"
+    if progress:
+        method.ctx.phase = phase_lines(label)
     if (run_dir / CHECKPOINT).exists():
         ckpt = torch.load(run_dir / CHECKPOINT, weights_only=False)
         method.load_state_dict(ckpt["method"])
         start, history, wall = ckpt["round"] + 1, ckpt["history"], ckpt["wall_s"]
         method.ctx.uplink.bytes_sent = ckpt["uplink_bytes"]
+        print(f"{run_dir}: resuming from round {start} of {rounds}", file=sys.stderr)
     if not history:
         atomic_write_text(run_dir / METRICS, "")
     tic = time.perf_counter()
-    bar = tqdm(range(start, rounds), initial=start, total=rounds, desc=f"{info.method} seed={info.seed}",
+    method.prepare()
+    bar = tqdm(range(start, rounds), initial=start, total=rounds, desc=f"{label} rounds",
                disable=not progress, leave=False)
+    shown: dict[str, str] = {}
     for rnd in bar:
         metrics = {"round": rnd, **method.run_round(rnd)}
         history.append(metrics)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k != "round" and isinstance(v, float)})
+        shown.update({k.removeprefix("local_"): f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)})
+        bar.set_postfix(shown)
         atomic_torch_save(run_dir / CHECKPOINT, {"round": rnd, "method": method.state_dict(), "history": history,
                                                  "uplink_bytes": method.ctx.uplink.bytes_sent,
                                                  "wall_s": wall + time.perf_counter() - tic})

@@ -193,6 +193,7 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert "organamnist.npz: not found" in proc.stderr
 
 
+@pytest.mark.slow
 def test_real_organamnist_with_real_vit_s14(tmp_path):
     """Real CT slices through the real DINOv2-initialised ViT-S/14: a linear probe is far above chance."""
     npz = shared_file("data/organamnist.npz")
@@ -208,3 +209,15 @@ def test_real_organamnist_with_real_vit_s14(tmp_path):
     probe = LogisticRegression(max_iter=2000).fit(train["embeddings"], train["labels"])
     accuracy = probe.score(test["embeddings"], test["labels"])
     assert accuracy > 0.5, accuracy  # chance is ~0.09 over 11 organs
+
+
+def test_a_corrupt_manifest_says_how_to_recreate_and_that_advice_works(tmp_path):
+    write_medmnist_npz(tmp_path / "organamnist.npz")
+    dataset = DatasetConfig(name="organamnist", root=tmp_path)
+    build(tmp_path, dataset)
+    good = load_database(tmp_path / "db").embeddings
+    (tmp_path / "db" / "manifest.json").write_text('{"classes": [')  # a half-written file
+    with pytest.raises(UserError, match=r"not valid JSON .*run data/create_db.py again with --database-root"):
+        load_database(tmp_path / "db")
+    build(tmp_path, dataset)  # the advice: the same create_db command again
+    np.testing.assert_array_equal(load_database(tmp_path / "db").embeddings, good)

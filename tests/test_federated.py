@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -284,3 +285,39 @@ def test_a_lock_that_cannot_be_taken_refuses_the_run(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="another process is taking"):
         with loop.run_lock(tmp_path / "run"):
             pytest.fail("ran without the lock")
+
+
+def test_an_invalid_epsilon_leaves_no_folder_and_the_corrected_run_then_succeeds(tiny_db, tmp_path):
+    for bad in (["--epsilon", "0"], ["--alpha", "-1"], ["--n-clients", "0"], ["--delta", "2"]):
+        with pytest.raises(UserError):
+            run_train(tiny_db, tmp_path / "r", "--method", "dpcvae", *bad)
+        assert not (tmp_path / "r").exists(), bad
+    # a folder whose run never completed a round (here: a crash in round 0) takes the corrected settings
+    run_dir = tmp_path / "r" / "toy" / "dpcvae" / "dirichlet_a0.3_c3" / "seed=1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"method": "dpcvae", "settings": {"privacy_target_epsilon": 5.0}}))
+    run_train(tiny_db, tmp_path / "r", "--method", "dpcvae", "--gen-local-epochs", "1", "--latent", "4", "--cvae-hidden", "8")
+    assert (run_dir / "results.json").exists()
+
+
+def test_help_reads_right():
+    text = train.get_args_parser().format_help()
+    assert "(default: True)" not in text and "(default: None)" not in text and "PRIVACY_" not in text
+    assert not re.search(r"\(default[^)]*\)[^\n]*\(default", text), "a flag shows two defaults"
+    flat = " ".join(text.split())  # argparse wraps lines
+    assert "--epsilon EPSILON" in flat and "--lambda-grid LAMBDA_GRID" in flat
+    assert "(default: 0,0.1,0.2" in flat and "(default: (" not in flat  # lists print as values
+    no_dp = re.search(r"--no-dp\s+(.*?)\n  --", text, flags=re.S).group(1)
+    assert "default" not in no_dp and "without DP" in no_dp
+    rounds_group = text[text.index("Rounds (every federated method)"):].split("\n\n")[0]
+    assert "--rounds" in rounds_group
+
+
+def test_the_summary_line_carries_accuracy_epsilon_tstr_and_the_audit_with_its_power():
+    results = {"summary": {"acc_mean": 0.9, "acc_std": 0.01, "bacc_mean": 0.7, "bacc_std": 0.02},
+               "privacy": {"enabled": True, "epsilon_spent_max": 0.99951, "target_epsilon": 1.0, "accountant": "prv",
+                           "epsilon_spent_max_rdp": 1.1234},
+               "fidelity": {"tstr": {"bacc": 0.125}}, "audit": {"dcr": {"auc": 0.501}, "canary": {"dcr": {"auc": 0.997}}}}
+    line = train.summary_line("dpcvae", 3407, results)
+    assert line == ("dpcvae seed=3407: acc 90.00 ± 1.00  bacc 70.00 ± 2.00 | ε spent 0.9995 of 1 (max over clients, "
+                    "PRV; RDP 1.123) | TSTR bacc 12.5 | audit DCR AUC 0.50 (power: canary 1.00)")

@@ -206,6 +206,7 @@ def assert_nodes_equal_simulation(nodes: list[dict], node_metrics: list[list[dic
     assert node_losses == pytest.approx(sim_losses, rel=loss_rel or 1e-12)
 
 
+@pytest.mark.slow
 def test_dpcvae_on_three_supernodes_agrees_with_the_simulated_loop(hospitals, tmp_path):
     flags = f"--method dpcvae --rounds 2 --epsilon 1 {SMALL_DP} --seed {SEED} --threads 1 --n-clients 3 --randomness seeded"
     done = hospitals.run(f"{flags} --out {tmp_path / 'flower'}", **{"min-nodes": 3})
@@ -231,6 +232,7 @@ def test_dpcvae_on_three_supernodes_agrees_with_the_simulated_loop(hospitals, tm
     assert "DP-CVAE" in (tmp_path / "t.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_supernode_dying_mid_run_is_dropped_when_configured_to_continue(hospitals, tmp_path):
     flags = f"--method fedavg --rounds 2 --seed {SEED} --threads 1 --n-clients 3 --out {tmp_path}"
     proc = hospitals.run_in_background(flags, **{"min-nodes": 3, "round-timeout": 45, "on-node-failure": "continue"})
@@ -251,6 +253,7 @@ def test_a_supernode_dying_mid_run_is_dropped_when_configured_to_continue(hospit
     assert "(client 2) failed at round" in out and "continuing without it" in out
 
 
+@pytest.mark.slow
 def test_the_simulation_engine_runs_the_app_with_ten_virtual_clients(tmp_path):
     db = write_db(tmp_path / "db", n=1500, dim=16, n_classes=3, spread=3.0)
     dbs = write_client_dbs(db, tmp_path / "clients", 10, kind="iid")

@@ -9,6 +9,7 @@ from conftest import ROOT
 import train
 
 ASSET = ROOT / "assets" / "organamnist_vits14_224"
+pytestmark = pytest.mark.slow  # whole runs on the real database
 
 
 @pytest.fixture(scope="module")

@@ -107,6 +107,7 @@ def test_plots_from_fixture_results(tmp_path):
                                                       "--out", str(tmp_path / "x.png")]))
 
 
+@pytest.mark.slow
 def test_table1_script_runs_the_grid_end_to_end(tmp_path):
     """experiments/organamnist/table1.sh on a tiny database (2 rounds, 3 clients, 1 seed): every method x
     split runs, then the tables and figures are built from the results files."""

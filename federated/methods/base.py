@@ -1,8 +1,9 @@
 """The interface every method implements, and what a run gives it (RunContext)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, ContextManager
 
 import torch
 
@@ -27,6 +28,7 @@ class RunContext:
     device: torch.device
     randomness: str = "seeded"  # "secret": privacy-relevant client streams from OS entropy
     uplink: Channel = field(default_factory=Channel)
+    phase: Callable[[str], ContextManager] = lambda name: contextlib.nullcontext()  # the loop shows phases
 
     def __post_init__(self) -> None:
         if self.randomness not in RANDOMNESS:
@@ -51,6 +53,10 @@ class Method:
 
     def __init__(self, ctx: RunContext, cfg) -> None:
         self.ctx, self.cfg = ctx, cfg
+
+    def prepare(self) -> None:
+        """Before the first round (and on resume): work whose cost the terminal should name (DP noise
+        calibration); nothing by default."""
 
     def run_round(self, rnd: int) -> dict:
         raise NotImplementedError

@@ -29,8 +29,9 @@ class Local(Method):
         self.models: dict[int, torch.nn.Module] = {}
 
     def finish(self) -> None:
-        self.models = self.fit_client_classifiers([(c.x_train, c.y_train) for c in self.ctx.clients],
-                                                  self.cfg.downstream)
+        with self.ctx.phase("downstream classifiers"):
+            self.models = self.fit_client_classifiers([(c.x_train, c.y_train) for c in self.ctx.clients],
+                                                      self.cfg.downstream)
 
     def predict(self, client: ClientData, x: torch.Tensor) -> torch.Tensor:
         return predict_proba(self.models[client.id], x)
@@ -44,8 +45,9 @@ class Centralized(Method):
     def finish(self) -> None:
         x = torch.cat([c.x_train for c in self.ctx.clients])
         y = torch.cat([c.y_train for c in self.ctx.clients])
-        self.model = fit_classifier(x, y, self.ctx.n_classes, self.cfg.downstream,
-                                    make_generator(self.ctx.seed, SERVER, DOWNSTREAM))
+        with self.ctx.phase("downstream classifier"):
+            self.model = fit_classifier(x, y, self.ctx.n_classes, self.cfg.downstream,
+                                        make_generator(self.ctx.seed, SERVER, DOWNSTREAM))
 
     def predict(self, client: ClientData, x: torch.Tensor) -> torch.Tensor:
         return predict_proba(self.model, x)
