@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -40,18 +41,20 @@ def median_bandwidth(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(d[torch.triu_indices(len(pooled), len(pooled), 1).unbind()].median())
 
 
-def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> float:
-    """Unbiased MMD^2 with k(a, b) = exp(-|a - b|^2 / (2 h^2)) (Gretton et al. 2012, Eq. 3)."""
+def gaussian_gram(a: torch.Tensor, b: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """k(a_i, b_j) = exp(-|a_i - b_j|^2 / (2 h^2))."""
+    return torch.exp(-torch.cdist(a, b).pow(2) / (2 * bandwidth ** 2))
+
+
+def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
+    """Unbiased MMD^2 under kernel(a, b) -> Gram matrix (Gretton et al. 2012, Eq. 3), in float64."""
     x, y = x.double(), y.double()
     n, m = len(x), len(y)
     if n < 2 or m < 2:
         return float("nan")
-
-    def k(a, b):
-        return torch.exp(-torch.cdist(a, b).pow(2) / (2 * bandwidth ** 2))
-    kxx, kyy = k(x, x), k(y, y)
+    kxx, kyy = kernel(x, x), kernel(y, y)
     return float((kxx.sum() - kxx.trace()) / (n * (n - 1)) + (kyy.sum() - kyy.trace()) / (m * (m - 1))
-                 - 2 * k(x, y).mean())
+                 - 2 * kernel(x, y).mean())
 
 
 def psd_sqrt(s: np.ndarray) -> np.ndarray:
@@ -85,7 +88,8 @@ def prdc_metrics(real: torch.Tensor, fake: torch.Tensor, nearest_k: int) -> dict
 def compare(real: torch.Tensor, fake: torch.Tensor, nearest_k: int) -> dict[str, float]:
     """Every fidelity metric between two samples (CPU tensors)."""
     h = median_bandwidth(real, fake)
-    return {**prdc_metrics(real, fake, nearest_k), "mmd2": mmd2_unbiased(real, fake, h), "mmd_bandwidth": h,
+    return {**prdc_metrics(real, fake, nearest_k), "mmd2": mmd2_unbiased(real, fake, lambda a, b: gaussian_gram(a, b, h)),
+            "mmd_bandwidth": h,
             "frechet": frechet_distance(real, fake), "n_real": len(real), "n_synthetic": len(fake)}
 
 

@@ -42,16 +42,6 @@ def gaussian_kernel(a: torch.Tensor, b: torch.Tensor, bandwidths: tuple[float, .
     return torch.stack([torch.exp(-sq / (2 * s * a.shape[-1])) for s in bandwidths]).mean(0)
 
 
-def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...]) -> torch.Tensor:
-    """Unbiased MMD^2 (Eq. 6 without the diagonal terms) between samples x (n, D) and y (m, D)."""
-    n, m = len(x), len(y)
-    kxx = gaussian_kernel(x[:, None], x[None], bandwidths)
-    kyy = gaussian_kernel(y[:, None], y[None], bandwidths)
-    kxy = gaussian_kernel(x[:, None], y[None], bandwidths)
-    return ((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
-            - 2 * kxy.mean())
-
-
 class HyperNetwork(nn.Module):
     """Phi = {Phi_theta, Phi_omega}: base decoder weights W_l, b_l; h_theta(v) -> (d_l, delta b_l);
     h_omega(v) and a label embedding e(y) -> g_omega -> (mu_y, log sigma_y)."""

@@ -9,7 +9,8 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from federated.privacy import clip_and_sum, clipped_grad_sum, per_sample_grads_vmap
-from models.hypervae import HyperClient, HyperNetwork, mmd2_unbiased
+from federated.fidelity import mmd2_unbiased
+from models.hypervae import HyperClient, HyperNetwork, gaussian_kernel
 from tests.test_federated import results_of, strip_timing
 from tests.test_privacy import DP_FAST, run_interrupted_then_resumed
 import train
@@ -85,8 +86,10 @@ def test_one_outlier_record_moves_the_hypernetwork_update_by_at_most_C():
 def test_mmd_is_near_zero_for_one_distribution_and_positive_for_a_shift():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(400, 16, generator=g), torch.randn(400, 16, generator=g)
-    same = mmd2_unbiased(a, b, (0.5, 1.0, 2.0))
-    shifted = mmd2_unbiased(a, b + 1.0, (0.5, 1.0, 2.0))
+    def kernel(x, y):  # the model's multi-bandwidth kernel (its MMD loss term), as a Gram matrix
+        return gaussian_kernel(x[:, None], y[None], (0.5, 1.0, 2.0))
+    same = mmd2_unbiased(a, b, kernel)
+    shifted = mmd2_unbiased(a, b + 1.0, kernel)
     assert abs(same) < 0.005 and shifted > 0.05, (same, shifted)
 
 

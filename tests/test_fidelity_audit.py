@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT
 from federated.audit import attack_metrics, canary_release, membership_audit
-from federated.fidelity import (ReleaseEvalConfig, fidelity_report, frechet_distance, mmd2_unbiased,
+from federated.fidelity import (ReleaseEvalConfig, fidelity_report, frechet_distance, gaussian_gram, mmd2_unbiased,
                                 prdc_metrics, subsample)
 
 
@@ -17,7 +17,7 @@ def test_mmd2_unbiased_by_hand():
     x, y = torch.tensor([[0.0], [1.0]]), torch.tensor([[0.0], [2.0]])
     e = math.exp
     expected = e(-0.5) + e(-2) - 2 * (1 + e(-2) + 2 * e(-0.5)) / 4
-    assert mmd2_unbiased(x, y, bandwidth=1.0) == pytest.approx(expected, abs=1e-12)
+    assert mmd2_unbiased(x, y, lambda a, b: gaussian_gram(a, b, 1.0)) == pytest.approx(expected, abs=1e-12)
 
 
 def test_frechet_distance_by_hand():
