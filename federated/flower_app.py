@@ -47,7 +47,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 import train
-from data.database import load_database
+from data.database import Database, load_database
 from data.io import UserError, atomic_write_json, atomic_write_text, package_versions
 from data.partition import run_tag
 from federated.channel import FINAL_FIELDS, SIZE_FIELD, check_outgoing
@@ -136,7 +136,7 @@ class Node:
     """What one ClientApp call works with: this node's method (its one client, its kept state), its
     database and its own results folder."""
     method: FederatedMethod
-    db: object
+    db: Database
     run_dir: Path
 
 
@@ -174,12 +174,15 @@ def keep_state(context: Context, method: FederatedMethod) -> None:
     context.state[STATE_KEY] = ConfigRecord({"state": buf.getvalue()})
 
 
-def reply(msg: Message, node: Node, kind: str, record: str, payload: dict) -> Message:
-    """The one way a reply leaves this node: checked against the allowlist first."""
-    payload = check_outgoing(node.method, 0, kind, payload)
-    body = (ArrayRecord(payload) if kind in ("update", "size", "release")
-            else ConfigRecord({"json": json.dumps(payload)}))
-    return Message(RecordDict({record: body}), reply_to=msg)
+def reply(msg: Message, node: Node, *parts: tuple[str, str, dict]) -> Message:
+    """The one way a reply leaves this node: each (kind, record name, payload) part is checked against
+    the allowlist first; tensors travel as ArrayRecords, the rest as JSON."""
+    records = {}
+    for kind, record, payload in parts:
+        payload = check_outgoing(node.method, 0, kind, payload)
+        records[record] = (ArrayRecord(payload) if kind in ("update", "size", "release")
+                           else ConfigRecord({"json": json.dumps(payload)}))
+    return Message(RecordDict(records), reply_to=msg)
 
 
 @client_app.query("hello")
@@ -189,7 +192,7 @@ def hello(msg: Message, context: Context) -> Message:
     about = {"id": int(info["id"]), "n_clients": int(info["n_clients"]), "seed": int(info["seed"]),
              "split": info["split"], "dataset": node.db.manifest.get("dataset") or "", "dim": node.db.dim,
              "classes": node.db.classes, "backbone": node.db.manifest.get("backbone") or ""}
-    return reply(msg, node, "hello", "about", about)
+    return reply(msg, node, ("hello", "about", about))
 
 
 @client_app.train()
@@ -202,9 +205,7 @@ def train_round(msg: Message, context: Context) -> Message:
     metrics = node.run_dir / METRICS  # the loss stays on the node
     kept = metrics.read_text().splitlines()[:rnd] if rnd and metrics.exists() else []
     atomic_write_text(metrics, "".join(f"{line}\n" for line in [*kept, json.dumps({"round": rnd, "train_loss": loss})]))
-    out = reply(msg, node, "update", "payload", payload)
-    out.content["size"] = reply(msg, node, "size", "size", method.size_message(0)).content["size"]
-    return out
+    return reply(msg, node, ("update", "payload", payload), ("size", "size", method.size_message(0)))
 
 
 @client_app.query("release")
@@ -212,7 +213,7 @@ def release(msg: Message, context: Context) -> Message:
     node = open_client(context)
     released = node.method.client_release(0)
     keep_state(context, node.method)  # the ledger now holds the release
-    return reply(msg, node, "release", "release", released)
+    return reply(msg, node, ("release", "release", released))
 
 
 @client_app.evaluate()
@@ -223,7 +224,7 @@ def finish(msg: Message, context: Context) -> Message:
     method.finish_clients()
     [result] = client_results(method)
     atomic_write_json(node.run_dir / RESULTS, {"client": result, "randomness": method.ctx.randomness, **method.report()})
-    return reply(msg, node, "final", "result", method.final_message(0, result))
+    return reply(msg, node, ("final", "result", method.final_message(0, result)))
 
 
 
