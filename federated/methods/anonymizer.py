@@ -79,6 +79,8 @@ class Anonymizer(FederatedMethod):
         self.accountants = [ClientAccountant(self.privacy) for _ in ctx.clients]
         self._noise_multipliers: list[float] | None = None  # calibrated when first needed (see below)
         self._released_sizes: list[float] | None = None     # released when first needed (see below)
+        self._steps_per_epoch: list[int] | None = None       # derived from the released sizes
+        self._sample_rates: list[float] | None = None
         self.synthetic_sizes: dict[int, int] = {}
         self.release_eval: dict = {}
 
@@ -106,12 +108,18 @@ class Anonymizer(FederatedMethod):
 
     @property
     def steps_per_epoch(self) -> list[int]:
-        # Opacus's convention: q = 1 / (batches per epoch), that many Poisson steps per epoch
-        return [math.ceil(self.public_size(i) / self.cfg.gen.batch_size) for i in range(len(self.ctx.clients))]
+        # Opacus's convention: q = 1 / (batches per epoch), that many Poisson steps per epoch; fixed
+        # once the sizes are released, and read at every step
+        if self._steps_per_epoch is None:
+            self._steps_per_epoch = [math.ceil(self.public_size(i) / self.cfg.gen.batch_size)
+                                     for i in range(len(self.ctx.clients))]
+        return self._steps_per_epoch
 
     @property
     def sample_rates(self) -> list[float]:
-        return [1 / s for s in self.steps_per_epoch]
+        if self._sample_rates is None:
+            self._sample_rates = [1 / s for s in self.steps_per_epoch]
+        return self._sample_rates
 
     def expected_batch(self, i: int) -> float:
         return self.sample_rates[i] * self.public_size(i)
@@ -283,6 +291,7 @@ class Anonymizer(FederatedMethod):
             a.load_state_dict(s)
         self._noise_multipliers = state["noise_multipliers"]
         self._released_sizes = state["released_sizes"]
+        self._steps_per_epoch = self._sample_rates = None  # derived again from the restored sizes
 
     def shared_parameters(self) -> dict[str, int]:
         raise NotImplementedError
