@@ -125,7 +125,9 @@ RELEASE_METRICS = [  # (header, path into results.json, scale)
     ("recall", ("fidelity", "overall", "recall"), 1), ("density", ("fidelity", "overall", "density"), 1),
     ("coverage", ("fidelity", "overall", "coverage"), 1), ("Fréchet", ("fidelity", "overall", "frechet"), 1),
     ("MMD²", ("fidelity", "overall", "mmd2"), 1), ("DCR AUC", ("audit", "dcr", "auc"), 1),
-    ("density-ratio AUC", ("audit", "density_ratio", "auc"), 1)]
+    ("density-ratio AUC", ("audit", "density_ratio", "auc"), 1),
+    # the audit's power: the same DCR attack on a leaking canary release (docs/privacy.md); "–" for older runs
+    ("canary DCR AUC", ("audit", "canary", "dcr", "auc"), 1)]
 
 
 def dig(res: dict, path: tuple[str, ...]):
