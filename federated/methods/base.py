@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, ContextManager
 
@@ -139,12 +140,17 @@ class FederatedMethod(Method):
     # --- what may leave a client (federated/channel.py enforces it) --------------------------------
     def outgoing_spec(self, kind: str) -> dict[str, tuple[int, ...] | None]:
         if kind == "update":
-            return {k: tuple(v.shape) for k, v in self.update_template().items()}
+            return self.update_spec
         if kind == "release":
             return self.release_spec()
         if kind == "size":
             return {SIZE_FIELD: (1,)}
         return dict.fromkeys(FINAL_FIELDS if kind == "final" else HELLO_FIELDS)
+
+    @functools.cached_property
+    def update_spec(self) -> dict[str, tuple[int, ...]]:
+        """The update's keys and shapes, fixed for the run (read at every client's every round)."""
+        return {k: tuple(v.shape) for k, v in self.update_template().items()}
 
     def update_template(self) -> dict[str, torch.Tensor]:
         """A round's payload has the keys and shapes of this (the shared model, by default)."""
