@@ -5,7 +5,7 @@ Dirichlet(alpha) weights), `iid` (uniform shuffle), `natural` (one client per gr
 Camelyon17 hospitals). Inside a client, a per-label split: test fixed by the split seed (as the
 reference protocol), validation drawn from train with the run seed.
 
-    python data/partition.py --db assets/organamnist_vits14_224 --kind dirichlet --alpha 0.3 --out split.json
+    python data/partition.py --db assets/organamnist_vits14_224 --split dirichlet --alpha 0.3 --out split.json
     # one database per client, for Flower SuperNodes (indices: rows of the pooled source database)
     python data/partition.py --db assets/organamnist_vits14_224 --seed 3407 --client-dbs clients/
 """
@@ -21,30 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+from data.flags import add_flags, config_from, flags_of, setting  # noqa: E402
 from data.io import HelpFormatter, UserError, atomic_write_json, run_cli  # noqa: E402
 
 MAX_DIRICHLET_TRIES = 1000
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    kind: str = "dirichlet"
-    n_clients: int = 10
-    alpha: float = 0.3
-    split_seed: int = 202502
-    min_samples: int = 10
-    test_frac: float = 0.2
-    val_frac: float = 0.2       # of what remains after the test split
-
-    def __post_init__(self) -> None:  # checked when the flags are read, before anything is written
-        if self.kind not in PARTITIONERS:
-            raise UserError(f"--split {self.kind!r} is unknown; valid: {', '.join(sorted(PARTITIONERS))}")
-        if self.n_clients < 1:
-            raise UserError(f"--n-clients must be >= 1, got {self.n_clients}")
-        if self.kind == "dirichlet" and not self.alpha > 0:
-            raise UserError(f"--alpha must be > 0 for a Dirichlet split, got {self.alpha}")
-        if not (0 <= self.test_frac < 1 and 0 <= self.val_frac < 1):
-            raise UserError(f"--test-frac and --val-frac must lie in [0, 1), got {self.test_frac}, {self.val_frac}")
 
 
 def dirichlet_partition(labels: np.ndarray, groups: np.ndarray | None, cfg: SplitConfig,
@@ -90,9 +70,39 @@ PARTITIONERS: dict[str, Callable[..., list[np.ndarray]]] = {
 }
 
 
+@dataclass(frozen=True)
+class SplitConfig:
+    """How the pooled samples become clients: the one declaration of the split flags (train.py, the
+    Flower app and this script all read them from here)."""
+    kind: str = setting("dirichlet", "how samples are spread over clients", flag="--split",
+                        dest="split_kind", choices=sorted(PARTITIONERS))
+    n_clients: int = setting(10, "number of clients", metavar="N", minimum=1)
+    alpha: float = setting(0.3, "Dirichlet concentration (smaller = more skew)", metavar="A")
+    split_seed: int = setting(202502, "seed of the client split (fixed across runs)", metavar="SEED")
+    min_samples: int = setting(10, "minimum samples per client", metavar="N")
+    test_frac: float = setting(0.2, "per-client, per-label test fraction", metavar="F")
+    val_frac: float = setting(0.2, "validation fraction of what remains after the test split", metavar="F")
+
+    def __post_init__(self) -> None:  # checked when the flags are read, before anything is written
+        if self.kind not in PARTITIONERS:
+            raise UserError(f"--split {self.kind!r} is unknown; valid: {', '.join(sorted(PARTITIONERS))}")
+        if self.n_clients < 1:
+            raise UserError(f"--n-clients must be >= 1, got {self.n_clients}")
+        if self.kind == "dirichlet" and not self.alpha > 0:
+            raise UserError(f"--alpha must be > 0 for a Dirichlet split, got {self.alpha}")
+        if not (0 <= self.test_frac < 1 and 0 <= self.val_frac < 1):
+            raise UserError(f"--test-frac and --val-frac must lie in [0, 1), got {self.test_frac}, {self.val_frac}")
+
+
 def run_tag(kind: str, alpha: float | None, n_clients: int) -> str:
     """The default run-folder tag of a split (results/<dataset>/<method>/<tag>/seed=<s>/)."""
     return f"dirichlet_a{alpha:g}_c{n_clients}" if kind == "dirichlet" else f"{kind}_c{n_clients}"
+
+
+def split_info(split: dict) -> dict:
+    """results.json's "split" block from a SplitConfig's fields (asdict, or a client database's manifest)."""
+    return {"kind": split["kind"], "alpha": split["alpha"] if split["kind"] == "dirichlet" else None,
+            "n_clients": split["n_clients"], "split_seed": split["split_seed"]}
 
 
 def partition(labels: np.ndarray, groups: np.ndarray | None, cfg: SplitConfig) -> list[np.ndarray]:
@@ -156,18 +166,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Write a client split manifest for an embedding database.",
                                 formatter_class=HelpFormatter)
     p.add_argument("--db", type=Path, required=True, help="embedding database folder")
-    p.add_argument("--kind", "--split", dest="kind", default="dirichlet", choices=sorted(PARTITIONERS),
-                   help="partitioner")
-    p.add_argument("--n-clients", type=int, default=10, help="number of clients")
-    p.add_argument("--alpha", type=float, default=0.3, help="Dirichlet concentration")
-    p.add_argument("--split-seed", type=int, default=202502, help="seed of the client split")
-    p.add_argument("--seed", type=int, default=3407, help="run seed (chooses the validation split)")
-    p.add_argument("--min-samples", type=int, default=10, help="minimum samples per client")
-    p.add_argument("--test-frac", type=float, default=0.2, help="per-client test fraction")
-    p.add_argument("--val-frac", type=float, default=0.2, help="validation fraction of the rest")
+    p.add_argument("--seed", type=int, default=3407, metavar="SEED", help="run seed (chooses the validation split)")
     p.add_argument("--out", type=Path, default=None, help="split manifest JSON to write")
     p.add_argument("--client-dbs", type=Path, default=None,
                    help="folder to write one database per client into (client_<id>/, for Flower SuperNodes)")
+    add_flags(p, flags_of(SplitConfig, title="Split"))
     return p
 
 
@@ -176,9 +179,7 @@ def main(args: argparse.Namespace) -> int:
     if args.out is None and args.client_dbs is None:
         raise UserError("nothing to write: pass --out split.json and/or --client-dbs DIR")
     db = load_database(args.db)
-    cfg = SplitConfig(kind=args.kind, n_clients=args.n_clients, alpha=args.alpha,
-                      split_seed=args.split_seed, min_samples=args.min_samples,
-                      test_frac=args.test_frac, val_frac=args.val_frac)
+    cfg = config_from(SplitConfig, vars(args))
     splits = split_clients(db.labels, db.groups, cfg, args.seed)
     if args.out is not None:
         atomic_write_json(args.out, split_manifest(splits, db.labels, len(db.classes), cfg, args.seed))

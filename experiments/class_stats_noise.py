@@ -20,7 +20,8 @@ import torch  # noqa: E402
 
 from data.database import load_database  # noqa: E402
 from data.io import UserError, run_cli  # noqa: E402
-from data.partition import PARTITIONERS, SplitConfig  # noqa: E402
+from data.flags import add_flags, config_from, flags_of  # noqa: E402
+from data.partition import SplitConfig  # noqa: E402
 from federated.clients import build_clients  # noqa: E402
 from federated.methods.fedhypevae import class_moments, class_stat_sums, class_stats_noise  # noqa: E402
 
@@ -28,14 +29,11 @@ from federated.methods.fedhypevae import class_moments, class_stat_sums, class_s
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--db", type=Path, required=True, help="embedding database (data/create_db.py)")
-    p.add_argument("--split", dest="kind", default="dirichlet", choices=sorted(PARTITIONERS), help="client split")
-    p.add_argument("--alpha", type=float, default=0.3, help="Dirichlet concentration")
-    p.add_argument("--n-clients", type=int, default=10, help="number of clients")
-    p.add_argument("--split-seed", type=int, default=202502, help="seed of the client split")
     p.add_argument("--seed", type=int, default=3407, help="run seed (picks the validation split) and noise seed")
     p.add_argument("--stats-clip", type=float, default=50.0, help="L2 clip R of the embeddings")
     p.add_argument("--stats-noise", type=float, nargs="+", default=[20.0], help="noise multiplier(s) to compare")
     p.add_argument("--draws", type=int, default=20, help="noise draws averaged per figure")
+    add_flags(p, flags_of(SplitConfig, title="Split (as train.py's)"))
     return p
 
 
@@ -62,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     if args.draws < 1 or args.stats_clip <= 0 or min(args.stats_noise) < 0:
         raise UserError("--draws must be >= 1, --stats-clip > 0 and --stats-noise >= 0")
     db = load_database(args.db)
-    split = SplitConfig(kind=args.kind, n_clients=args.n_clients, alpha=args.alpha, split_seed=args.split_seed)
+    split = config_from(SplitConfig, vars(args))
     clients = build_clients(db, split, args.seed, torch.device("cpu"))
     gen = torch.Generator().manual_seed(args.seed)
     for sigma in args.stats_noise:

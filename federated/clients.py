@@ -66,9 +66,6 @@ def make_generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-RANDOMNESS = ("seeded", "secret")
-
-
 def secret_generator() -> torch.Generator:
     """A generator seeded from OS entropy: nothing the server knows (run seed, client id) can rebuild it.
     Its state lives only in the client's own state (checkpoint or Flower context)."""

@@ -15,16 +15,24 @@ from typing import Callable
 import numpy as np
 import torch
 
+from data.flags import setting
+
 
 @dataclass(frozen=True)
 class ReleaseEvalConfig:
     """Fidelity and membership-audit settings of an anonymizer run (federated.audit uses the last two)."""
-    enabled: bool = True
-    max_samples: int = 2000        # per side for the overall metrics and for members / non-members
-    max_per_class: int = 500
-    nearest_k: int = 5             # k of precision/recall/density/coverage
-    projection_per_class: int = 50  # points per class and side kept for the 2-D picture
-    density_dims: int = 16         # whitened PCA dimensions of the density-ratio attack
+    enabled: bool = setting(True, "skip the fidelity metrics, TSTR and membership audit of the synthetic data",
+                            flag="--no-release-eval")
+    max_samples: int = setting(2000, "samples per side for the overall fidelity metrics and per attack set",
+                               flag="--eval-max-samples", metavar="N", minimum=2)
+    max_per_class: int = setting(500, "samples per side and class for the per-class fidelity metrics",
+                                 flag="--eval-max-per-class", metavar="N", minimum=2)
+    nearest_k: int = setting(5, "k of precision / recall / density / coverage", flag="--eval-nearest-k", metavar="K",
+                             minimum=1)
+    projection_per_class: int = setting(50, "points per class and side kept for the 2-D projection picture",
+                                        flag="--eval-projection-per-class", metavar="N", minimum=0)
+    density_dims: int = setting(16, "whitened PCA dimensions of the density-ratio (DOMIAS) attack's KDEs",
+                                flag="--audit-density-dims", metavar="D", minimum=1)
 
 
 def subsample(n: int, k: int, gen: torch.Generator) -> torch.Tensor:

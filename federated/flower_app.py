@@ -46,15 +46,17 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-import train
 from data.database import Database, load_database
-from data.io import UserError, atomic_write_json, atomic_write_text, package_versions
-from data.partition import run_tag
+from data.io import UserError, package_versions
+from data.partition import run_tag, split_info
 from federated.channel import FINAL_FIELDS, SIZE_FIELD, check_outgoing
 from federated.clients import client_from_database, client_info
+from federated.config import git_commit, method_setup, parse_args, run_config
+from federated.loop import RunInfo, client_results, results_record
 from federated.methods import METHODS
-from federated.loop import RESULTS, METRICS, RunInfo, client_results, results_record, run_lock
 from federated.methods.base import FederatedMethod, RunContext
+from federated.rounds import Reply, server_finish, server_round
+from federated.runfolder import RunFolder
 
 FAILURE_POLICIES = ("fail", "continue")
 REPLY_POLL_S = 0.5  # how often the server asks the SuperLink for replies (Flower's own loop waits 3 s)
@@ -94,23 +96,19 @@ class FlowerConfig:
 
 
 def parse_train_args(text: str, db: Path | None) -> argparse.Namespace:
-    """train.py's flags from the run config, so both sides build exactly train.py's method config."""
+    """train.py's flags from the run config (the package's config layer), so both sides build exactly
+    train.py's method config; a mistake is a UserError, never an exit of the app's process."""
     argv = shlex.split(text)
     if "--db" in argv:
         raise UserError("run config train-args: leave out --db (each SuperNode reads its own client-db)")
-    parser = train.get_args_parser()
-
-    def refuse(message: str):
-        raise UserError(f"run config train-args: {message} (see python train.py --help)")
-    parser.error = refuse  # argparse would print usage and exit the ServerApp/ClientApp process
-    args = parser.parse_args([*argv, *(["--db", str(db)] if db else [])])
+    args = parse_args([*argv, *(["--db", str(db)] if db else [])], error_prefix="run config train-args")
     if len(args.seeds) != 1:
         raise UserError(f"run config train-args: one --seed per Flower run, got {args.seeds}")
     return args
 
 
 def method_of(args: argparse.Namespace) -> tuple[str, type[FederatedMethod], object]:
-    name, cls, cfg = train.method_setup(args)
+    name, cls, cfg = method_setup(args)
     if not getattr(cls, "distributed", False):
         valid = sorted(n for n, c in METHODS.items() if getattr(c, "distributed", False))
         raise UserError(f"--method {name} does not run on Flower; valid: {', '.join(valid)}")
@@ -137,16 +135,17 @@ class Node:
     database and its own results folder."""
     method: FederatedMethod
     db: Database
-    run_dir: Path
+    folder: RunFolder
 
 
-def node_run_dir(context: Context, args: argparse.Namespace, db, method_name: str) -> Path:
+def node_folder(context: Context, args: argparse.Namespace, db, method_name: str) -> RunFolder:
     """The node's own results folder for this run, in the server's layout."""
     path = client_db_path(context)
     root = Path(str(context.node_config.get("results-dir", f"{path}_results")))
     split = client_info(db)["split"]
     tag = args.tag or run_tag(split["kind"], split["alpha"], split["n_clients"])
-    return root / (args.dataset_name or db.manifest.get("dataset") or "dataset") / method_name / tag / f"seed={args.seeds[0]}"
+    dataset = args.dataset_name or db.manifest.get("dataset") or "dataset"
+    return RunFolder(root / dataset / method_name / tag / f"seed={args.seeds[0]}")
 
 
 def open_client(context: Context) -> Node:
@@ -158,14 +157,15 @@ def open_client(context: Context) -> Node:
     if args.threads:
         torch.set_num_threads(args.threads)
     db = load_database(path)
-    device = torch.device(str(context.node_config.get("device", args.device)))  # a hospital's own GPU
+    run_cfg = run_config(args)
+    device = torch.device(str(context.node_config.get("device", run_cfg.device)))  # a hospital's own GPU
     ctx = RunContext(clients=[client_from_database(db, device)], n_classes=len(db.classes), dim=db.dim,
-                     seed=args.seeds[0], rounds=args.rounds, device=device, randomness=args.randomness or "secret")
+                     seed=args.seeds[0], rounds=run_cfg.rounds, device=device, randomness=run_cfg.randomness or "secret")
     method = cls(ctx, method_cfg)
     if STATE_KEY in context.state:
         blob = context.state[STATE_KEY]["state"]
         method.load_state_dict(torch.load(io.BytesIO(blob), map_location=device, weights_only=True))
-    return Node(method, db, node_run_dir(context, args, db, name))
+    return Node(method, db, node_folder(context, args, db, name))
 
 
 def keep_state(context: Context, method: FederatedMethod) -> None:
@@ -202,9 +202,8 @@ def train_round(msg: Message, context: Context) -> Message:
     method.receive(msg.content["shared"].to_torch_state_dict())
     [(payload, loss)] = method.train_clients([0], rnd)
     keep_state(context, method)
-    metrics = node.run_dir / METRICS  # the loss stays on the node
-    kept = metrics.read_text().splitlines()[:rnd] if rnd and metrics.exists() else []
-    atomic_write_text(metrics, "".join(f"{line}\n" for line in [*kept, json.dumps({"round": rnd, "train_loss": loss})]))
+    kept = [json.loads(line) for line in node.folder.metrics_lines()[:rnd]] if rnd else []
+    node.folder.write_metrics([*kept, {"round": rnd, "train_loss": loss}])  # the loss stays on the node
     return reply(msg, node, ("update", "payload", payload), ("size", "size", method.size_message(0)))
 
 
@@ -213,7 +212,7 @@ def release(msg: Message, context: Context) -> Message:
     node = open_client(context)
     released = node.method.client_release(0)
     keep_state(context, node.method)  # the ledger now holds the release
-    return reply(msg, node, ("release", "release", released))
+    return reply(msg, node, ("release", "release", released), ("size", "size", node.method.size_message(0)))
 
 
 @client_app.evaluate()
@@ -223,7 +222,7 @@ def finish(msg: Message, context: Context) -> Message:
     method.receive_final(msg.content["final"].to_torch_state_dict())
     method.finish_clients()
     [result] = client_results(method)
-    atomic_write_json(node.run_dir / RESULTS, {"client": result, "randomness": method.ctx.randomness, **method.report()})
+    node.folder.finish({"client": result, "randomness": method.ctx.randomness, **method.report()})
     return reply(msg, node, ("final", "result", method.final_message(0, result)))
 
 
@@ -279,11 +278,30 @@ def exchange(grid: Grid, nodes: list[int], message_type: str, content: dict, tim
 
 
 class Federation:
-    """The server's view: live nodes -> client ids, the failure policy, and what was lost."""
+    """The server's view: live nodes -> client ids, the failure policy, and what was lost. It is the
+    Flower transport of federated/rounds.py: each call is one exchange with every live node."""
 
-    def __init__(self, grid: Grid, cfg: FlowerConfig, clients: dict[int, int]) -> None:
-        self.grid, self.cfg, self.clients = grid, cfg, dict(clients)
+    def __init__(self, grid: Grid, cfg: FlowerConfig, clients: dict[int, int], uplink) -> None:
+        self.grid, self.cfg, self.clients, self.uplink = grid, cfg, dict(clients), uplink
         self.lost: list[dict] = []
+
+    def received(self, client: int, kind: str, record) -> dict[str, torch.Tensor]:
+        return self.uplink.deliver(client, kind, record.to_torch_state_dict())
+
+    def replies(self, answers: list[tuple[int, RecordDict]], payload: str, kind: str) -> list[Reply]:
+        return [Reply(c, self.received(c, kind, r[payload]), float(self.received(c, "size", r["size"])[SIZE_FIELD]))
+                for c, r in answers]
+
+    def train(self, shared: dict[str, torch.Tensor], rnd: int) -> list[Reply]:
+        content = {"shared": ArrayRecord(shared), "config": ConfigRecord({"round": rnd})}
+        return self.replies(self.ask("train", content, f"round {rnd}"), "payload", "update")
+
+    def release(self) -> list[Reply]:
+        return self.replies(self.ask("query.release", {}, "release"), "release", "release")
+
+    def evaluate(self, final: dict[str, torch.Tensor]) -> dict[int, dict]:
+        return {c: json.loads(r["result"]["json"]) for c, r in self.ask("evaluate", {"final": ArrayRecord(final)},
+                                                                          "final evaluation")}
 
     def ask(self, message_type: str, content: dict, stage: str) -> list[tuple[int, RecordDict]]:
         """(client id, reply) of the live nodes, in client order; a failure stops or drops the node."""
@@ -344,53 +362,45 @@ def server_report(method_cfg, finals: dict[int, dict], randomness: str) -> dict:
 def run_server(grid: Grid, cfg: FlowerConfig) -> Path:
     args = parse_train_args(cfg.train_args, None)
     name, cls, method_cfg = method_of(args)
+    run_cfg = run_config(args)
     seed = args.seeds[0]
     clients, about = introduce(grid, cfg, seed)
     split = about["split"]
     dataset = args.dataset_name or about["dataset"] or "dataset"
     tag = args.tag or run_tag(split["kind"], split["alpha"], split["n_clients"])
-    run_dir = Path(args.out) / dataset / name / tag / f"seed={seed}"
-    if (run_dir / RESULTS).exists():
-        log(INFO, "%s: finished, skipped", run_dir)
-        return run_dir
-    with run_lock(run_dir):
-        atomic_write_json(run_dir / "config.json", {
+    folder = RunFolder(Path(args.out) / dataset / name / tag / f"seed={seed}")
+    if folder.finished:
+        log(INFO, "%s: finished, skipped", folder)
+        return folder.path
+    with folder.lock():
+        folder.write_config({
             "method": name, "seed": seed, "runtime": "flower", "flower": dataclasses.asdict(cfg),
             "method_config": dataclasses.asdict(method_cfg), "split": split, "clients": sorted(clients.values()),
-            "database": {k: about[k] for k in ("dataset", "backbone", "dim")}, "git_commit": train.git_commit(),
+            "database": {k: about[k] for k in ("dataset", "backbone", "dim")}, "git_commit": git_commit(),
             "packages": package_versions()})
         tic = time.perf_counter()
-        randomness = args.randomness or "secret"
+        randomness = run_cfg.randomness or "secret"
         ctx = RunContext(clients=[], n_classes=len(about["classes"]), dim=about["dim"], seed=seed,
-                         rounds=args.rounds, device=torch.device("cpu"), randomness=randomness)
+                         rounds=run_cfg.rounds, device=torch.device("cpu"), randomness=randomness)
         method = cls(ctx, method_cfg)  # the server's part: the shared model, no client
-        fed = Federation(grid, cfg, clients)
+        fed = Federation(grid, cfg, clients, ctx.uplink)
         history: list[dict] = []
-        atomic_write_text(run_dir / METRICS, "")
-        for rnd in range(args.rounds):
-            content = {"shared": ArrayRecord(method.shared_state()), "config": ConfigRecord({"round": rnd})}
-            replies = fed.ask("train", content, f"round {rnd}")
-            payloads = [ctx.uplink.deliver(c, "update", r["payload"].to_torch_state_dict()) for c, r in replies]
-            sizes = {c: float(ctx.uplink.deliver(c, "size", r["size"].to_torch_state_dict())[SIZE_FIELD]) for c, r in replies}
-            method.receive(method.aggregate(payloads, method.normalized(list(sizes.values()))))
-            history.append({"round": rnd, "clients": len(replies)})
-            atomic_write_text(run_dir / METRICS, "".join(json.dumps(m, sort_keys=True) + "\n" for m in history))
-            log(INFO, "[%s] round %d/%d: %d clients", name, rnd + 1, args.rounds, len(replies))
-        replies = fed.ask("query.release", {}, "release")
-        released = [ctx.uplink.deliver(c, "release", r["release"].to_torch_state_dict()) for c, r in replies]
-        final = method.finalize(released, method.normalized([sizes[c] for c, _ in replies]))
-        replies = fed.ask("evaluate", {"final": ArrayRecord(final)}, "final evaluation")
-        finals = {c: json.loads(r["result"]["json"]) for c, r in replies}
-        info = RunInfo(method=name, dataset=dataset, seed=seed, split=train.split_info(split))
+        folder.write_metrics(history)
+        for rnd in range(run_cfg.rounds):
+            history.append({"round": rnd, **server_round(method, fed, rnd)})
+            folder.write_metrics(history)
+            log(INFO, "[%s] round %d/%d: %d clients", name, rnd + 1, run_cfg.rounds, history[-1]["clients"])
+        finals = server_finish(method, fed)
+        info = RunInfo(method=name, dataset=dataset, seed=seed, split=split_info(split))
         clients_out = [{"id": c, **{k: f[k] for k in FINAL_FIELDS if k != "epsilon_spent"}} for c, f in sorted(finals.items())]
-        results = results_record(info, rounds=args.rounds, clients=clients_out, uplink_bytes=ctx.uplink.bytes_sent,
+        results = results_record(info, rounds=run_cfg.rounds, clients=clients_out, uplink_bytes=ctx.uplink.bytes_sent,
                                  report=server_report(method_cfg, finals, randomness), wall_s=time.perf_counter() - tic)
         results["randomness"] = randomness
         results["flower"] = {"nodes": len(clients), "lost_clients": fed.lost, "not_received": NOT_RECEIVED,
                              "node_results": "each node's results-dir (node config; default <client-db>_results)"}
-        atomic_write_json(run_dir / RESULTS, results)
-    log(INFO, "[%s] results: %s (bacc %.4f)", name, run_dir / RESULTS, results["summary"]["bacc_mean"])
-    return run_dir
+        folder.finish(results)
+    log(INFO, "[%s] results: %s (bacc %.4f)", name, folder.path / "results.json", results["summary"]["bacc_mean"])
+    return folder.path
 
 
 @server_app.main()

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from data.flags import setting
 from data.io import UserError
 
 ACCOUNTANTS = ("prv", "rdp")
@@ -31,12 +32,15 @@ MAX_SIGMA = 1e4
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    enabled: bool = True
-    target_epsilon: float = 1.0
-    delta: float = 1e-4
-    max_grad_norm: float = 1.5
-    accountant: str = "prv"
-    count_noise: float = 100.0  # std (in samples) of the noisy client size released for aggregation weights
+    enabled: bool = setting(True, "train without DP (ablation)", flag="--no-dp")
+    target_epsilon: float = setting(1.0, "target epsilon for each client over the whole run", flag="--epsilon",
+                                    metavar="EPS")
+    delta: float = setting(1e-4, "target delta", flag="--delta", metavar="DELTA")
+    max_grad_norm: float = setting(1.5, "per-sample clipping bound C", flag="--max-grad-norm", metavar="C")
+    accountant: str = setting("prv", "Opacus accountant used to calibrate and report epsilon", flag="--accountant",
+                              choices=ACCOUNTANTS)
+    count_noise: float = setting(100.0, "std of the Gaussian noise on the client size released for aggregation "
+                                 "weights", flag="--count-noise", metavar="STD")
 
     def __post_init__(self) -> None:  # checked when the flags are read, before anything is written
         if self.accountant not in ACCOUNTANTS:

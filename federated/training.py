@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from data.flags import setting
 from data.io import UserError
 from federated.clients import shuffled_batches
 from models.classifier import LinearClassifier
@@ -18,12 +19,12 @@ OPTIMIZERS = ("sgd", "adam")
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "sgd"
-    lr: float = 1e-3
-    momentum: float = 0.5
-    weight_decay: float = 5e-4
-    batch_size: int = 128       # 0 = full batch
-    epochs: int = 5
+    optimizer: str = setting("sgd", "optimiser", choices=OPTIMIZERS)
+    lr: float = setting(1e-3, "learning rate (constant)", metavar="LR")
+    momentum: float = setting(0.5, "SGD momentum", metavar="M")
+    weight_decay: float = setting(5e-4, "weight decay", metavar="WD")
+    batch_size: int = setting(128, "batch size (0 = full batch)", metavar="N", minimum=0)
+    epochs: int = setting(5, "epochs", metavar="N", minimum=1)
 
 
 def downstream_default() -> OptimConfig:

@@ -16,7 +16,7 @@ from federated.methods.anonymizer import Anonymizer
 from federated.methods.base import NOISE, FederatedMethod
 from tests.test_federated import results_of
 from tests.test_flower import EXTRA, SEED, in_process_run, write_client_dbs
-from tests.test_privacy import DP_FAST, run_dp, run_interrupted_then_resumed
+from tests.test_privacy import run_dp, run_interrupted_then_resumed
 
 DISTRIBUTED = sorted(n for n, c in METHODS.items() if getattr(c, "distributed", False))
 ANONYMIZERS = sorted(n for n, c in METHODS.items() if issubclass(c, Anonymizer))
@@ -32,10 +32,10 @@ def shared_keys(method: str, tmp_path) -> set[str]:
     """The shared model's parameter names (what an update may carry), from a server-side instance."""
     from data.database import load_database
     from federated.methods.base import RunContext
-    import train
+    from federated.config import method_setup, parse_args
     db = load_database(write_db(tmp_path / "keys_db", n_classes=3))
-    args = train.get_args_parser().parse_args(["--db", str(db.path), "--method", method, *EXTRA.get(method, "").split()])
-    _, cls, cfg = train.method_setup(args)
+    args = parse_args(["--db", str(db.path), "--method", method, *EXTRA.get(method, "").split()])
+    _, cls, cfg = method_setup(args)
     return set(cls(RunContext([], 3, db.dim, 1, 1, torch.device("cpu")), cfg).shared_state())
 
 
@@ -61,8 +61,9 @@ def test_allowlist_every_flower_reply_of_every_client_carries_only_allowed_field
             assert set(records["payload"].to_torch_state_dict()) == shared
             assert set(records["size"].to_torch_state_dict()) == {"size"}
         elif message_type == "query.release":
-            assert set(records) == {"release"}
+            assert set(records) == {"release", "size"}
             assert set(records["release"].to_torch_state_dict()) == RELEASES.get(method, set())
+            assert set(records["size"].to_torch_state_dict()) == {"size"}
         else:
             assert set(records) == {"result"} and set(json.loads(records["result"]["json"])) == FINAL
 

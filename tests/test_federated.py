@@ -13,6 +13,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from conftest import ROOT, write_db
 from data.io import UserError
+from federated.config import changed_settings
 from federated.evaluation import client_metrics
 from federated.methods import METHODS
 from federated.methods.base import weighted_average
@@ -23,7 +24,7 @@ FAST = ["--rounds", "2", "--lr", "0.05", "--n-clients", "3", "--local-epochs", "
 
 
 def run_train(db, out, *extra, seeds=("1",)):
-    args = train.get_args_parser().parse_args(["--db", str(db), "--out", str(out), *FAST, "--seeds", *seeds, *extra])
+    args = train.parse_args(["--db", str(db), "--out", str(out), *FAST, "--seeds", *seeds, *extra])
     assert train.main(args) == 0
     return out
 
@@ -139,12 +140,12 @@ def test_kill_and_resume_equals_uninterrupted(tiny_db, tmp_path):
 
     def killed(*a, **k):
         return original(*a, **k, stop_after=2)
-    train.run = killed
+    loop.run = killed
     try:
         with pytest.raises(InterruptedError):
             run_train(tiny_db, tmp_path / "resumed", *argv)
     finally:
-        train.run = original
+        loop.run = original
     run_dir = next((tmp_path / "resumed").glob("toy/fedprox/*/seed=1"))
     assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "results.json").exists()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
@@ -164,9 +165,9 @@ def test_finished_run_is_skipped_and_changed_settings_refused(tiny_db, tmp_path,
 
 
 def test_flags_added_later_at_their_default_do_not_block_old_runs():
-    assert train.changed_settings({"a": 1}, {"a": 1, "b": 2}, {"b": 2}) == []
-    assert train.changed_settings({"a": 1}, {"a": 1, "b": 3}, {"b": 2}) == ["b"]
-    assert train.changed_settings({"a": 1, "b": 2}, {"a": 2, "b": 2}, {"b": 2}) == ["a"]
+    assert changed_settings({"a": 1}, {"a": 1, "b": 2}, {"b": 2}) == []
+    assert changed_settings({"a": 1}, {"a": 1, "b": 3}, {"b": 2}) == ["b"]
+    assert changed_settings({"a": 1, "b": 2}, {"a": 2, "b": 2}, {"b": 2}) == ["a"]
 
 
 def test_reference_aliases(tiny_db, tmp_path):
@@ -207,7 +208,7 @@ def bad_db(tmp_path, case):
     ("ok", ["--n-clients", "5000"], "exceeds the 600 samples"),
     ("ok", ["--alpha", "0"], "--alpha must be > 0"),
     ("ok", ["--split", "natural"], "needs a database with groups"),
-    ("ok", ["--rounds", "0"], "--rounds must be >= 1"),
+    ("ok", ["--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, case, extra, message):
     db = bad_db(tmp_path, case)
@@ -228,12 +229,13 @@ def test_unknown_method_lists_the_valid_ones(tiny_db):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_flag_defaults_are_the_method_config_defaults(method):
     """train.py's defaults and each method's Config() agree (benchmarks and library users rely on it)."""
-    args = train.get_args_parser().parse_args(["--db", "x", "--method", method])
-    assert train.build_config(METHODS[method].Config, args) == METHODS[method].Config()
+    from federated.config import method_setup
+    args = train.parse_args(["--db", "x", "--method", method])
+    assert method_setup(args)[2] == METHODS[method].Config()
 
 
 def test_a_run_folder_is_used_by_one_process_at_a_time(tiny_db, tmp_path):
-    from federated.loop import LOCK
+    from federated.runfolder import LOCK
     run_dir = tmp_path / "r" / "toy" / "fedavg" / "dirichlet_a0.3_c3" / "seed=1"
     run_dir.mkdir(parents=True)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -277,19 +279,19 @@ def test_batched_classifiers_equal_training_each_alone(optimizer, mu):
 
 def test_a_lock_that_cannot_be_taken_refuses_the_run(tmp_path, monkeypatch):
     """If another process keeps winning the lock file, the run is refused, never run unlocked."""
-    from federated import loop
+    from federated import runfolder
 
     def always_taken(*args, **kwargs):
         raise FileExistsError
-    monkeypatch.setattr(loop.os, "open", always_taken)
+    monkeypatch.setattr(runfolder.os, "open", always_taken)
     with pytest.raises(UserError, match="another process is taking"):
-        with loop.run_lock(tmp_path / "run"):
+        with runfolder.RunFolder(tmp_path / "run").lock():
             pytest.fail("ran without the lock")
 
 
 def test_an_invalid_epsilon_leaves_no_folder_and_the_corrected_run_then_succeeds(tiny_db, tmp_path):
     for bad in (["--epsilon", "0"], ["--alpha", "-1"], ["--n-clients", "0"], ["--delta", "2"]):
-        with pytest.raises(UserError):
+        with pytest.raises((UserError, SystemExit)):  # a config's check, or the flag's own (argparse)
             run_train(tiny_db, tmp_path / "r", "--method", "dpcvae", *bad)
         assert not (tmp_path / "r").exists(), bad
     # a folder whose run never completed a round (here: a crash in round 0) takes the corrected settings
@@ -300,17 +302,47 @@ def test_an_invalid_epsilon_leaves_no_folder_and_the_corrected_run_then_succeeds
     assert (run_dir / "results.json").exists()
 
 
-def test_help_reads_right():
-    text = train.get_args_parser().format_help()
+def help_text(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit):
+        train.parse_args([*argv, "--help"])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", [None, *sorted(METHODS)])
+def test_help_reads_right(method, capsys):
+    text = help_text(capsys, *(["--method", method] if method else []))
     assert "(default: True)" not in text and "(default: None)" not in text and "PRIVACY_" not in text
     assert not re.search(r"\(default[^)]*\)[^\n]*\(default", text), "a flag shows two defaults"
     flat = " ".join(text.split())  # argparse wraps lines
-    assert "--epsilon EPSILON" in flat and "--lambda-grid LAMBDA_GRID" in flat
-    assert "(default: 0,0.1,0.2" in flat and "(default: (" not in flat  # lists print as values
-    no_dp = re.search(r"--no-dp\s+(.*?)\n  --", text, flags=re.S).group(1)
-    assert "default" not in no_dp and "without DP" in no_dp
-    rounds_group = text[text.index("Rounds (every federated method)"):].split("\n\n")[0]
-    assert "--rounds" in rounds_group
+    run_group = text[text.index("\nRun:"):].split("\n\n")[0]
+    assert "--rounds N" in run_group and "--seeds SEED" in run_group
+    if method is None:  # the general flags and where to find each method's
+        assert all(name in flat for name in METHODS) and "--method NAME --help" in flat
+        return
+    from federated.config import method_flags
+    for fl in method_flags(method):  # every setting of the method is shown, in its group
+        group = text[text.index(f"\n{fl.title}:"):].split("\n\n")[0]
+        assert fl.names[0] in group, (fl.names[0], fl.title)
+    if method == "dpcvae":
+        assert "--epsilon EPS" in flat and "(default: 0.001)" in flat  # the generator's lr: DP-CVAE's own default
+        no_dp = re.search(r"--no-dp\s+(.*?)\n  --", text, flags=re.S).group(1)
+        assert "default" not in no_dp and "without DP" in no_dp
+    if method == "dpcgan":
+        assert "--gen-lr LR generator optimiser (Adam) learning rate (default: 0.0002)" in flat
+    if method == "fedlambda":
+        assert "(default: 0,0.1,0.2" in flat and "(default: (" not in flat  # lists print as values
+
+
+def test_a_flag_of_another_method_is_ignored_with_a_warning_and_a_misspelt_one_refused(capsys):
+    args = train.parse_args(["--method", "fedavg", "--epsilon", "2", "--lr", "0.1"])
+    assert args.local_lr == 0.1 and not hasattr(args, "privacy_target_epsilon")
+    assert "--epsilon ignored: not a setting of fedavg" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--method", "fedavg", "--epsilonn", "2"])
+    assert "unrecognized arguments: --epsilonn" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--method", "dpcvae", "--gen-batch-size", "0"])
+    assert "argument --gen-batch-size: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_the_summary_line_carries_accuracy_epsilon_tstr_and_the_audit_with_its_power():

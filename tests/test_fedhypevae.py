@@ -94,7 +94,7 @@ def test_mmd_is_near_zero_for_one_distribution_and_positive_for_a_shift():
 
 
 def run_hv(db, out, *extra, seeds=("1",)):
-    args = train.get_args_parser().parse_args(["--db", str(db), "--out", str(out), *HV_FAST, "--seeds", *seeds, *extra])
+    args = train.parse_args(["--db", str(db), "--out", str(out), *HV_FAST, "--seeds", *seeds, *extra])
     assert train.main(args) == 0
 
 

@@ -35,7 +35,7 @@ SMALL_DP = "--accountant rdp --gen-batch-size 64 --gen-local-epochs 1 --latent 8
 
 
 def write_client_dbs(db: Path, out: Path, n_clients: int, kind: str = "dirichlet") -> Path:
-    partition_main(partition_args().parse_args(["--db", str(db), "--kind", kind, "--n-clients", str(n_clients),
+    partition_main(partition_args().parse_args(["--db", str(db), "--split", kind, "--n-clients", str(n_clients),
                                                 "--seed", str(SEED), "--client-dbs", str(out)]))
     return out
 
@@ -177,7 +177,7 @@ def test_methods_that_pool_clients_are_refused_with_the_valid_ones():
 
 # --- real processes ----------------------------------------------------------------------------------
 def simulated(db: Path, out: Path, flags: str) -> dict:
-    args = train.get_args_parser().parse_args(["--db", str(db), "--out", str(out), "--no-progress", *flags.split()])
+    args = train.parse_args(["--db", str(db), "--out", str(out), "--no-progress", *flags.split()])
     assert train.main(args) == 0
     return json.loads(next(out.rglob("results.json")).read_text())
 

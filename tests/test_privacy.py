@@ -91,7 +91,7 @@ def test_calibration_meets_target_and_more_steps_need_more_noise(accountant):
 
 
 def run_dp(db, out, *extra, seeds=("1",)):
-    args = train.get_args_parser().parse_args(["--db", str(db), "--out", str(out), *DP_FAST, "--seeds", *seeds, *extra])
+    args = train.parse_args(["--db", str(db), "--out", str(out), *DP_FAST, "--seeds", *seeds, *extra])
     assert train.main(args) == 0
 
 
@@ -159,12 +159,12 @@ def run_interrupted_then_resumed(run_fn, *args) -> None:
     """run_fn(*args) stopped after its first round, then run again: it must resume from the checkpoint."""
     from federated import loop
     original = loop.run
-    train.run = lambda *a, **k: original(*a, **k, stop_after=1)
+    loop.run = lambda *a, **k: original(*a, **k, stop_after=1)
     try:
         with pytest.raises(InterruptedError):
             run_fn(*args)
     finally:
-        train.run = original
+        loop.run = original
     run_fn(*args)
 
 

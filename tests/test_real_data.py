@@ -19,7 +19,7 @@ def baselines(tmp_path_factory):
     out = tmp_path_factory.mktemp("real")
     summaries = {}
     for method in ("fedavg", "fedlambda", "centralized"):
-        args = train.get_args_parser().parse_args(["--db", str(ASSET), "--out", str(out), "--method", method,
+        args = train.parse_args(["--db", str(ASSET), "--out", str(out), "--method", method,
                                                    "--no-progress", "--seeds", "3407"])
         assert train.main(args) == 0
         res = json.loads(next(out.glob(f"*/{method}/*/seed=3407/results.json")).read_text())

@@ -9,11 +9,12 @@ does more than a weighted average, `aggregate`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from data.flags import section, setting
 from data.io import UserError
 from federated.clients import ClientData, make_generator, poisson_batch
 from federated.evaluation import client_metrics
@@ -29,17 +30,21 @@ POLICIES = ("fill", "reference", "uniform")
 
 @dataclass(frozen=True)
 class GenTrainConfig:
-    lr: float = 1e-3
-    batch_size: int = 256       # expected (Poisson) batch size
-    local_epochs: int = 5
+    lr: float = setting(1e-3, "generator optimiser (Adam) learning rate", metavar="LR")
+    batch_size: int = setting(256, "expected (Poisson) batch size of the DP steps", metavar="N", minimum=1)
+    local_epochs: int = setting(5, "local epochs per round", metavar="N", minimum=1)
 
 
 @dataclass(frozen=True)
 class SynthesisConfig:
-    policy: str = "fill"       # fill: top every class up to factor x the client's largest class
-    factor: float = 1.0        # reference: factor x each class's own count; uniform: per_class each
-    per_class: int = 0
-    z_var: float = 1.0         # latent variance when sampling
+    policy: str = setting("fill", "fill: top up every class to the client's largest; reference: as many as each real "
+                          "class (x factor, published code); uniform: --synthetic-per-class each",
+                          flag="--synthesis", choices=POLICIES)
+    factor: float = setting(1.0, "scales the fill target / the reference counts", flag="--generated-factor",
+                            metavar="F", minimum=0)
+    per_class: int = setting(0, "samples per class for --synthesis uniform", flag="--synthetic-per-class",
+                             metavar="N", minimum=0)
+    z_var: float = setting(1.0, "latent variance when sampling", flag="--z-var", metavar="VAR", minimum=0)
 
 
 def synthetic_counts(class_counts: torch.Tensor, cfg: SynthesisConfig) -> torch.Tensor:
@@ -56,11 +61,11 @@ def synthetic_counts(class_counts: torch.Tensor, cfg: SynthesisConfig) -> torch.
 
 @dataclass(frozen=True)
 class AnonymizerConfig:
-    gen: GenTrainConfig = field(default_factory=GenTrainConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
-    downstream: OptimConfig = field(default_factory=downstream_default)
-    evaluation: ReleaseEvalConfig = field(default_factory=ReleaseEvalConfig)
+    gen: GenTrainConfig = section(GenTrainConfig, "Generator training")
+    privacy: PrivacyConfig = section(PrivacyConfig, "Privacy")
+    synthesis: SynthesisConfig = section(SynthesisConfig, "Synthesis")
+    downstream: OptimConfig = section(downstream_default, "Downstream classifier")
+    evaluation: ReleaseEvalConfig = section(ReleaseEvalConfig, "Fidelity and membership audit")
 
 
 class Anonymizer(FederatedMethod):

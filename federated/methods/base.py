@@ -10,7 +10,9 @@ import torch
 
 from data.io import UserError
 from federated.channel import FINAL_FIELDS, HELLO_FIELDS, SIZE_FIELD, Channel
-from federated.clients import RANDOMNESS, ClientData, make_generator, secret_generator
+from federated.clients import ClientData, make_generator, secret_generator
+from federated.config import RANDOMNESS
+from federated.rounds import InProcess, server_finish, server_round
 from federated.training import OptimConfig, fit_classifiers
 
 # Purpose tags for make_generator(seed, client, PURPOSE): independent streams per use.
@@ -99,8 +101,9 @@ def weighted_average(states: list[dict[str, torch.Tensor]], weights: torch.Tenso
 
 
 class FederatedMethod(Method):
-    """A method whose clients and server only exchange payloads. The simulated loop (run_round, finish)
-    and the Flower app (federated/flower_app.py) call the same hooks, so no algorithm exists twice:
+    """A method whose clients and server only exchange payloads. The server's orchestration
+    (federated/rounds.py) runs over an in-process transport in simulation (run_round, finish) and over
+    Flower's in federated/flower_app.py, calling the same hooks, so no algorithm exists twice:
 
         each round   client i: receive(shared); train_clients([i], rnd) -> (payload, loss), upload_weight(i)
                      server:   aggregate(payloads, weights) -> shared, broadcast (receive)
@@ -185,27 +188,16 @@ class FederatedMethod(Method):
         keep (never sent; on Flower each node writes its own)."""
         return {"local_train_loss_mean": sum(losses) / len(losses)}
 
-    # --- the simulated round -------------------------------------------------------------------
+    # --- the simulated run: the server's orchestration over the in-process transport -------------
     @staticmethod
     def normalized(sizes: list[float]) -> torch.Tensor:
         """Aggregation weights n_i / sum_j n_j of the reporting clients."""
         n = torch.tensor(sizes, dtype=torch.float64)
         return (n / n.sum()).float()
 
-    def sent_sizes(self) -> list[float]:
-        up = self.ctx.uplink
-        return [float(up.send(self, i, "size", self.size_message(i))[SIZE_FIELD]) for i in range(len(self.ctx.clients))]
-
     def run_round(self, rnd: int) -> dict:
-        clients, up = self.ctx.clients, self.ctx.uplink
-        results = self.train_clients(list(range(len(clients))), rnd)
-        payloads = [up.send(self, i, "update", payload) for i, (payload, _) in enumerate(results)]
-        self.receive(self.aggregate(payloads, self.normalized(self.sent_sizes())))
-        return {"clients": len(clients), **self.round_metrics(rnd, [loss for _, loss in results])}
+        transport = InProcess(self)
+        return {**server_round(self, transport, rnd), **self.round_metrics(rnd, transport.losses)}
 
     def finish(self) -> None:
-        clients, up = self.ctx.clients, self.ctx.uplink
-        releases = [self.client_release(i) for i in range(len(clients))]
-        releases = [up.send(self, i, "release", r) if r else r for i, r in enumerate(releases)]
-        self.receive_final(self.finalize(releases, self.normalized(self.sent_sizes())))
-        self.finish_clients()
+        server_finish(self, InProcess(self))

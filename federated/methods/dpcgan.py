@@ -8,11 +8,12 @@ without privacy). Unlike the reference, G and D persist across rounds.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
+from data.flags import section, setting
 from federated.clients import make_generator
 from federated.methods.anonymizer import Anonymizer, AnonymizerConfig, GenTrainConfig
 from federated.methods.base import INIT, SERVER, RunContext
@@ -23,8 +24,8 @@ from models.init import init_linear_layers_
 
 @dataclass(frozen=True)
 class DPCGANConfig(AnonymizerConfig):
-    gen: GenTrainConfig = field(default_factory=lambda: GenTrainConfig(lr=2e-4))
-    latent: int = 100
+    gen: GenTrainConfig = section(lambda: GenTrainConfig(lr=2e-4), "Generator training")
+    latent: int = setting(100, "latent dimension of the generator", metavar="N", minimum=1)
 
 
 class DPCGAN(Anonymizer):

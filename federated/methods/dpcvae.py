@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from data.flags import setting
 from federated.clients import make_generator
 from federated.methods.anonymizer import Anonymizer, AnonymizerConfig
 from federated.methods.base import INIT, SERVER, RunContext
@@ -16,9 +17,9 @@ from models.init import init_linear_layers_
 
 @dataclass(frozen=True)
 class DPCVAEConfig(AnonymizerConfig):
-    hidden: int = 256
-    latent: int = 100
-    beta: float = 0.1
+    hidden: int = setting(256, "CVAE hidden width", flag="--cvae-hidden", metavar="N", minimum=1)
+    latent: int = setting(100, "latent dimension of the generator", metavar="N", minimum=1)
+    beta: float = setting(0.1, "CVAE KL weight", metavar="BETA", minimum=0)
 
 
 class DPCVAE(Anonymizer):

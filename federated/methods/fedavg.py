@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from data.flags import section
 from federated.clients import ClientData, make_generator
 from federated.evaluation import client_metrics
 from federated.methods.base import BATCHES, INIT, SERVER, FederatedMethod, RunContext
@@ -14,7 +15,9 @@ from federated.training import OptimConfig, StackedPenalty, new_classifier, pred
 
 @dataclass(frozen=True)
 class FedAvgConfig:
-    local: OptimConfig = field(default_factory=OptimConfig)
+    local: OptimConfig = section(OptimConfig, "Local training of the classifier", flags={
+        "optimizer": "--optimizer", "lr": "--lr", "momentum": "--momentum", "weight_decay": "--weight-decay",
+        "batch_size": "--batch-size"})
 
 
 class FedAvg(FederatedMethod):

@@ -23,41 +23,44 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from data.flags import setting
 from data.io import UserError
 from federated.clients import make_generator
-from federated.methods.anonymizer import Anonymizer, AnonymizerConfig
+from federated.methods.anonymizer import Anonymizer
+from federated.methods.dpcvae import DPCVAEConfig
 from federated.methods.base import INIT, META, SERVER, RunContext
-from federated.training import OptimConfig, make_optimizer
+from federated.training import OPTIMIZERS, OptimConfig, make_optimizer
 from models import count_parameters
 from models.hypervae import HyperClient, HyperNetwork
 from models.init import init_linear_layers_
 
 
 @dataclass(frozen=True)
-class FedHypeVAEConfig(AnonymizerConfig):
-    hidden: int = 256
-    latent: int = 100
-    beta: float = 0.1
-    code_dim: int = 16
-    code_radius: float = 5.0
-    hyper_hidden: int = 64
-    prior_hidden: int = 64
-    label_dim: int = 16
-    hyper_lr: float = 1e-3
-    hyper_optimizer: str = "sgd"
-    lambda_mmd: float = 0.1
-    lambda_lip: float = 1e-3
-    lambda_v: float = 1e-3
-    mmd_bandwidths: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
-    mmd_samples: int = 4
-    spectral_norm: bool = True
-    meta_codes: int = 1
-    meta_steps: int = 300
-    meta_lr: float = 1e-2
-    meta_beta: float = 1.0
-    meta_samples: int = 64
-    stats_clip: float = 50.0
-    stats_noise: float = 20.0
+class FedHypeVAEConfig(DPCVAEConfig):  # the CVAE's width, latent size and KL weight are DP-CVAE's flags
+    code_dim: int = setting(16, "client code dimension d_v", metavar="D", minimum=1)
+    code_radius: float = setting(5.0, "bound r on |v_i| (projected after each step)", metavar="R")
+    hyper_hidden: int = setting(64, "hypernetwork hidden width (h_theta, h_omega)", metavar="N", minimum=1)
+    prior_hidden: int = setting(64, "prior network width (h_omega output, g_omega)", metavar="N", minimum=1)
+    label_dim: int = setting(16, "label embedding e(y) dimension", metavar="D", minimum=1)
+    hyper_lr: float = setting(1e-3, "learning rate of the hypernetwork (eta_Phi)", metavar="LR")
+    hyper_optimizer: str = setting("sgd", "each client's optimiser of its hypernetwork copy (the paper: SGD)",
+                                   choices=OPTIMIZERS)
+    lambda_mmd: float = setting(0.1, "weight of the MMD alignment term", metavar="W", minimum=0)
+    lambda_lip: float = setting(1e-3, "weight of R_Lip (squared spectral norms)", metavar="W", minimum=0)
+    lambda_v: float = setting(1e-3, "weight of |v_i|^2", metavar="W", minimum=0)
+    mmd_bandwidths: tuple[float, ...] = setting((0.5, 1.0, 2.0, 4.0), "Gaussian kernel bandwidths s "
+                                                "(k = exp(-|a-b|^2 / (2 s D)), comma-separated)", metavar="S,S,..")
+    mmd_samples: int = setting(4, "decoded prior samples per record for the MMD", metavar="N", minimum=1)
+    spectral_norm: bool = setting(True, "skip the server's spectral-norm projection of the hypernetwork layers")
+    meta_codes: int = setting(1, "K meta-codes (K > 1: the mixture of Eq. 13)", metavar="K", minimum=1)
+    meta_steps: int = setting(300, "Adam steps fitting the meta-code(s)", metavar="N", minimum=0)
+    meta_lr: float = setting(1e-2, "learning rate of the meta-code fit", metavar="LR")
+    meta_beta: float = setting(1.0, "weight of the variance term of Eq. 11", metavar="W", minimum=0)
+    meta_samples: int = setting(64, "decoded samples per class in the meta-code fit", metavar="N", minimum=1)
+    stats_clip: float = setting(50.0, "L2 clip R of embeddings in the DP class statistics (ViT-S/14 norms lie in "
+                                "36-48)", metavar="R")
+    stats_noise: float = setting(20.0, "noise multiplier of the DP class statistics (accounted in the same budget)",
+                                 metavar="SIGMA")
 
 
 META_CODES, META_WEIGHTS, META_LOSS = "meta.codes", "meta.weights", "meta.fit_loss"  # keys of the final broadcast

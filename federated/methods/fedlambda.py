@@ -8,11 +8,12 @@ are chosen on validation data only: per client by default, or one lambda for all
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
+from data.flags import section, setting
 from data.io import UserError
 from federated.clients import ClientData
 from federated.methods.base import RunContext
@@ -24,12 +25,16 @@ LOCAL_MODELS = ("knn", "linear")
 
 @dataclass(frozen=True)
 class FedLambdaConfig(FedAvgConfig):
-    local_model: str = "knn"
-    lambda_grid: tuple[float, ...] = tuple(i / 10 for i in range(11))
-    k_grid: tuple[int, ...] = (5, 10, 20, 50)
-    knn_temperature: float = 0.1    # weights exp(-d / T), d the distance of L2-normalised embeddings
-    lambda_selection: str = "client"  # client | global
-    downstream: OptimConfig = field(default_factory=downstream_default)
+    local_model: str = setting("knn", "local model mixed with the global one: kNN (kNN-Per) or a linear classifier "
+                               "(published code)", flag="--fedlambda-local", choices=("knn", "linear"))
+    lambda_grid: tuple[float, ...] = setting(tuple(i / 10 for i in range(11)),
+                                             "comma-separated lambda values searched on validation data", metavar="L,L,..")
+    k_grid: tuple[int, ...] = setting((5, 10, 20, 50), "comma-separated k values for kNN", metavar="K,K,..", minimum=1)
+    knn_temperature: float = setting(0.1, "kNN vote weights exp(-distance / T), distances of L2-normalised embeddings",
+                                     metavar="T")
+    lambda_selection: str = setting("client", "one lambda per client, or one for all clients (published code)",
+                                    choices=("client", "global"))
+    downstream: OptimConfig = section(downstream_default, "Downstream classifier")
 
 
 def knn_proba(train_x: torch.Tensor, train_y: torch.Tensor, x: torch.Tensor, k: int,

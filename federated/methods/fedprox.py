@@ -5,12 +5,13 @@ from dataclasses import dataclass
 
 import torch
 
+from data.flags import setting
 from federated.methods.fedavg import FedAvg, FedAvgConfig
 
 
 @dataclass(frozen=True)
 class FedProxConfig(FedAvgConfig):
-    mu: float = 0.05
+    mu: float = setting(0.05, "FedProx proximal weight", metavar="MU", minimum=0)
 
 
 class FedProx(FedAvg):

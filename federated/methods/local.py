@@ -5,10 +5,11 @@ trainer the anonymizers use on real + synthetic data, so `local` is their no-sha
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from data.flags import section
 from federated.clients import ClientData, make_generator
 from federated.methods.base import DOWNSTREAM, SERVER, Method, RunContext
 from federated.training import OptimConfig, downstream_default, fit_classifier, predict_proba
@@ -16,7 +17,7 @@ from federated.training import OptimConfig, downstream_default, fit_classifier, 
 
 @dataclass(frozen=True)
 class DownstreamConfig:
-    downstream: OptimConfig = field(default_factory=downstream_default)
+    downstream: OptimConfig = section(downstream_default, "Downstream classifier")
 
 
 class Local(Method):
