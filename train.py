@@ -14,8 +14,8 @@ import os
 import sys
 
 from data.io import UserError, package_versions, run_cli
-from federated.config import (changed_settings, git_commit, method_setup, parse_args, run_config, setting_defaults,
-                              settings_of, split_config)
+from federated.config import (changed_settings, folder_tag, git_commit, method_setup, parse_args, run_config,
+                              setting_defaults, settings_of, split_config)
 from federated.runfolder import RunFolder
 
 
@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from data.database import load_database
-    from data.partition import run_tag, split_info
+    from data.partition import split_info
     from federated.clients import build_clients
     from federated.loop import RunInfo, run
     from federated.methods.base import RunContext
@@ -61,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"threads: {torch.get_num_threads()} (--threads N to change)", file=sys.stderr)
     db = load_database(args.db)
     dataset = args.dataset_name or db.manifest.get("dataset") or db.path.name
-    tag = args.tag or run_tag(split.kind, split.alpha, split.n_clients)
+    tag = folder_tag(args.tag, dataclasses.asdict(split), method_cfg)
     flags, settings = settings_of(args)
     defaults = setting_defaults(method_name)
     device = torch.device(run_cfg.device)

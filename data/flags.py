@@ -88,7 +88,7 @@ def flags_of(cls: type, *, title: str, default: Any = None, prefix: str = "", re
             if "title" not in meta:
                 raise TypeError(f"{cls.__name__}.{f.name}: a nested config must be declared with section(...)")
             sub_prefix = f"{prefix}{meta['prefix'] if meta['prefix'] is not None else f.name}_"
-            out += flags_of(hints[f.name], title=meta["title"], default=value, prefix=sub_prefix,
+            out += flags_of(type(value), title=meta["title"], default=value, prefix=sub_prefix,
                             renames=meta["flags"], path=(*path, f.name))
             continue
         if "help" not in meta:

@@ -28,9 +28,11 @@ import numpy as np  # noqa: E402
 from data.io import UserError, atomic_write_text, run_cli  # noqa: E402
 from data.partition import run_tag  # noqa: E402
 
-METHOD_ORDER = ["fedavg", "fedprox", "fedlambda", "dpcgan", "dpcvae", "fedhypevae", "local", "centralized"]
-METHOD_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedlambda": "FedLambda", "dpcgan": "DP-CGAN",
-                "dpcvae": "DP-CVAE", "fedhypevae": "FedHypeVAE", "local": "Local", "centralized": "Centralized"}
+METHOD_ORDER = ["fedavg", "fedprox", "fedlambda", "dpfedavg", "dpcgan", "dpcvae", "fedhypevae", "dpgauss", "local",
+                "centralized"]
+METHOD_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedlambda": "FedLambda", "dpfedavg": "DP-FedAvg",
+                "dpcgan": "DP-CGAN", "dpcvae": "DP-CVAE", "fedhypevae": "FedHypeVAE", "dpgauss": "DP-Gauss",
+                "local": "Local", "centralized": "Centralized"}
 
 
 def split_label(split: dict) -> str:
@@ -40,9 +42,11 @@ def split_label(split: dict) -> str:
 
 
 def variant(res: dict, tag: str) -> str:
-    """'' for a run in its split's default folder, else the folder's tag."""
+    """'' for a run in its split's default folder; the suffix of a default tag with a variant
+    (dirichlet_a0.3_c10_balanced: 'balanced'); else the folder's tag."""
     split = res["split"]
-    return "" if tag == run_tag(split.get("kind"), split.get("alpha"), split.get("n_clients")) else tag
+    default = run_tag(split.get("kind"), split.get("alpha"), split.get("n_clients"))
+    return "" if tag == default else tag.removeprefix(default + "_")
 
 
 def row_name(method: str, tag: str) -> str:

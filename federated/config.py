@@ -23,7 +23,7 @@ from typing import Any
 
 from data.flags import Flag, add_flags, config_from, flags_of, setting
 from data.io import HelpFormatter, UserError
-from data.partition import SplitConfig
+from data.partition import SplitConfig, run_tag
 from federated.methods import METHODS
 
 RANDOMNESS = ("seeded", "secret")
@@ -166,6 +166,16 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         if not torch.cuda.is_available():
             raise UserError(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
     return cfg
+
+
+def folder_tag(tag: str | None, split: dict, method_cfg: Any) -> str:
+    """The run folder's tag: --tag, or the split's (data.partition.run_tag) plus the downstream recipe
+    when it is not the papers' (e.g. dirichlet_a0.3_c10_balanced), so that variants never share a folder."""
+    if tag:
+        return tag
+    parts = [run_tag(split["kind"], split["alpha"], split["n_clients"])]
+    recipe = getattr(getattr(method_cfg, "downstream", None), "recipe", "paper")
+    return "_".join(parts + ([recipe] if recipe != "paper" else []))
 
 
 def settings_of(args: argparse.Namespace) -> tuple[dict, dict]:

@@ -48,10 +48,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from data.database import Database, load_database
 from data.io import UserError, package_versions
-from data.partition import run_tag, split_info
+from data.partition import split_info
 from federated.channel import FINAL_FIELDS, SIZE_FIELD, check_outgoing
 from federated.clients import client_from_database, client_info
-from federated.config import git_commit, method_setup, parse_args, run_config
+from federated.config import folder_tag, git_commit, method_setup, parse_args, run_config
 from federated.loop import RunInfo, client_results, results_record
 from federated.methods import METHODS
 from federated.methods.base import FederatedMethod, RunContext
@@ -142,8 +142,7 @@ def node_folder(context: Context, args: argparse.Namespace, db, method_name: str
     """The node's own results folder for this run, in the server's layout."""
     path = client_db_path(context)
     root = Path(str(context.node_config.get("results-dir", f"{path}_results")))
-    split = client_info(db)["split"]
-    tag = args.tag or run_tag(split["kind"], split["alpha"], split["n_clients"])
+    tag = folder_tag(args.tag, client_info(db)["split"], method_setup(args)[2])
     dataset = args.dataset_name or db.manifest.get("dataset") or "dataset"
     return RunFolder(root / dataset / method_name / tag / f"seed={args.seeds[0]}")
 
@@ -210,7 +209,10 @@ def train_round(msg: Message, context: Context) -> Message:
 @client_app.query("release")
 def release(msg: Message, context: Context) -> Message:
     node = open_client(context)
-    released = node.method.client_release(0)
+    stage = int(msg.content["config"]["stage"])
+    if stage:
+        node.method.receive_stage(stage, msg.content["broadcast"].to_torch_state_dict())
+    released = node.method.client_release(0, stage)
     keep_state(context, node.method)  # the ledger now holds the release
     return reply(msg, node, ("release", "release", released), ("size", "size", node.method.size_message(0)))
 
@@ -296,8 +298,10 @@ class Federation:
         content = {"shared": ArrayRecord(shared), "config": ConfigRecord({"round": rnd})}
         return self.replies(self.ask("train", content, f"round {rnd}"), "payload", "update")
 
-    def release(self) -> list[Reply]:
-        return self.replies(self.ask("query.release", {}, "release"), "release", "release")
+    def release(self, stage: int, broadcast: dict[str, torch.Tensor]) -> list[Reply]:
+        content = {"config": ConfigRecord({"stage": stage}), "broadcast": ArrayRecord(broadcast)}
+        return self.replies(self.ask("query.release", content, f"release {stage}" if stage else "release"), "release",
+                            "release")
 
     def evaluate(self, final: dict[str, torch.Tensor]) -> dict[int, dict]:
         return {c: json.loads(r["result"]["json"]) for c, r in self.ask("evaluate", {"final": ArrayRecord(final)},
@@ -367,7 +371,7 @@ def run_server(grid: Grid, cfg: FlowerConfig) -> Path:
     clients, about = introduce(grid, cfg, seed)
     split = about["split"]
     dataset = args.dataset_name or about["dataset"] or "dataset"
-    tag = args.tag or run_tag(split["kind"], split["alpha"], split["n_clients"])
+    tag = folder_tag(args.tag, split, method_cfg)
     folder = RunFolder(Path(args.out) / dataset / name / tag / f"seed={seed}")
     if folder.finished:
         log(INFO, "%s: finished, skipped", folder)
@@ -386,14 +390,15 @@ def run_server(grid: Grid, cfg: FlowerConfig) -> Path:
         fed = Federation(grid, cfg, clients, ctx.uplink)
         history: list[dict] = []
         folder.write_metrics(history)
-        for rnd in range(run_cfg.rounds):
+        rounds = run_cfg.rounds if cls.federated else 0  # a one-shot method has only its releases
+        for rnd in range(rounds):
             history.append({"round": rnd, **server_round(method, fed, rnd)})
             folder.write_metrics(history)
-            log(INFO, "[%s] round %d/%d: %d clients", name, rnd + 1, run_cfg.rounds, history[-1]["clients"])
+            log(INFO, "[%s] round %d/%d: %d clients", name, rnd + 1, rounds, history[-1]["clients"])
         finals = server_finish(method, fed)
         info = RunInfo(method=name, dataset=dataset, seed=seed, split=split_info(split))
         clients_out = [{"id": c, **{k: f[k] for k in FINAL_FIELDS if k != "epsilon_spent"}} for c, f in sorted(finals.items())]
-        results = results_record(info, rounds=run_cfg.rounds, clients=clients_out, uplink_bytes=ctx.uplink.bytes_sent,
+        results = results_record(info, rounds=rounds, clients=clients_out, uplink_bytes=ctx.uplink.bytes_sent,
                                  report=server_report(method_cfg, finals, randomness), wall_s=time.perf_counter() - tic)
         results["randomness"] = randomness
         results["flower"] = {"nodes": len(clients), "lost_clients": fed.lost, "not_received": NOT_RECEIVED,

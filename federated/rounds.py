@@ -4,7 +4,8 @@
     each round   broadcast the shared model -> every client trains and replies (update, size)
                  -> aggregate(updates, size weights) -> the new shared model
     at the end   every client replies with its one-off release (and size) -> finalize -> final broadcast
-                 -> every client evaluates (and, on Flower, replies with what it publishes)
+                 -> every client evaluates (and, on Flower, replies with what it publishes); a method with
+                 several release stages has the server absorb each stage and broadcast what the next needs
 
 `InProcess` is the simulation's transport: the clients live in the same method object, and every
 message still goes through the allowlist of federated/channel.py. Flower's is in federated/flower_app.py.
@@ -32,7 +33,7 @@ class Reply:
 class Transport(Protocol):
     def train(self, shared: dict[str, torch.Tensor], rnd: int) -> list[Reply]: ...
 
-    def release(self) -> list[Reply]: ...
+    def release(self, stage: int, broadcast: dict[str, torch.Tensor]) -> list[Reply]: ...
 
     def evaluate(self, final: dict[str, torch.Tensor]) -> dict[int, dict[str, Any]]: ...
 
@@ -45,10 +46,15 @@ def server_round(method: FederatedMethod, transport: Transport, rnd: int) -> dic
 
 
 def server_finish(method: FederatedMethod, transport: Transport) -> dict[int, dict[str, Any]]:
-    """After the last round: the clients' releases -> the final broadcast -> what the clients publish."""
-    replies = transport.release()
-    final = method.finalize([r.payload for r in replies], method.normalized([r.size for r in replies]))
-    return transport.evaluate(final)
+    """After the last round: the clients' releases (stage by stage) -> the final broadcast -> what the
+    clients publish."""
+    broadcast: dict[str, torch.Tensor] = {}
+    for stage in range(method.release_stages):
+        replies = transport.release(stage, broadcast)
+        releases, weights = [r.payload for r in replies], method.normalized([r.size for r in replies])
+        if stage + 1 < method.release_stages:
+            broadcast = method.absorb(stage, releases, weights)
+    return transport.evaluate(method.finalize(releases, weights))
 
 
 class InProcess:
@@ -70,9 +76,11 @@ class InProcess:
         payloads = [m.ctx.uplink.send(m, i, "update", payload) for i, (payload, _) in enumerate(results)]
         return [Reply(c.id, p, s) for c, p, s in zip(m.ctx.clients, payloads, self.sizes())]
 
-    def release(self) -> list[Reply]:
+    def release(self, stage: int, broadcast: dict[str, torch.Tensor]) -> list[Reply]:
         m = self.method
-        releases = [m.client_release(i) for i in range(len(m.ctx.clients))]
+        if stage:
+            m.receive_stage(stage, broadcast)
+        releases = [m.client_release(i, stage) for i in range(len(m.ctx.clients))]
         releases = [m.ctx.uplink.send(m, i, "release", r) if r else r for i, r in enumerate(releases)]
         return [Reply(c.id, r, s) for c, r, s in zip(m.ctx.clients, releases, self.sizes())]
 

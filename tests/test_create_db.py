@@ -184,6 +184,7 @@ def test_bad_input_gives_clear_error(tmp_path, case, expected):
         build(tmp_path, dataset, backbone=backbone)
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "data" / "create_db.py"), "--dataset", "organamnist",
                            "--dataset-root", str(tmp_path), "--database-root", str(tmp_path / "db")],

@@ -210,6 +210,7 @@ def bad_db(tmp_path, case):
     ("ok", ["--split", "natural"], "needs a database with groups"),
     ("ok", ["--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_clear_line(tmp_path, case, extra, message):
     db = bad_db(tmp_path, case)
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--db", str(db), "--out", str(tmp_path / "o"),
@@ -219,6 +220,7 @@ def test_bad_input_is_one_clear_line(tmp_path, case, extra, message):
     assert message in proc.stderr
 
 
+@pytest.mark.slow
 def test_unknown_method_lists_the_valid_ones(tiny_db):
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--db", str(tiny_db), "--method", "fedsgd"],
                           capture_output=True, text=True)
@@ -289,6 +291,7 @@ def test_a_lock_that_cannot_be_taken_refuses_the_run(tmp_path, monkeypatch):
             pytest.fail("ran without the lock")
 
 
+@pytest.mark.slow
 def test_an_invalid_epsilon_leaves_no_folder_and_the_corrected_run_then_succeeds(tiny_db, tmp_path):
     for bad in (["--epsilon", "0"], ["--alpha", "-1"], ["--n-clients", "0"], ["--delta", "2"]):
         with pytest.raises((UserError, SystemExit)):  # a config's check, or the flag's own (argparse)

@@ -98,6 +98,7 @@ def run_hv(db, out, *extra, seeds=("1",)):
     assert train.main(args) == 0
 
 
+@pytest.mark.slow
 def test_codes_and_encoders_stay_on_the_client_and_codes_stay_bounded(tiny_db, tmp_path, monkeypatch):
     from federated.channel import Channel
     from federated.methods.fedhypevae import FedHypeVAE
@@ -126,6 +127,7 @@ def test_codes_and_encoders_stay_on_the_client_and_codes_stay_bounded(tiny_db, t
     assert codes and all(c.norm() <= 0.5 + 1e-5 for c in codes)
 
 
+@pytest.mark.slow
 def test_spent_epsilon_covers_training_and_statistics(tiny_db, tmp_path):
     run_hv(tiny_db, tmp_path / "r", "--epsilon", "2.0")
     res = results_of(tmp_path / "r", "fedhypevae")
@@ -144,6 +146,7 @@ def test_spent_epsilon_covers_training_and_statistics(tiny_db, tmp_path):
     assert res["n_params"]["shared_model"] == "hypernetwork" and res["communication"]["uplink_bytes_per_client_round"] > 0
 
 
+@pytest.mark.slow
 def test_same_seed_identical_and_meta_code_mixture(tiny_db, tmp_path):
     run_hv(tiny_db, tmp_path / "a", "--meta-codes", "2")
     run_hv(tiny_db, tmp_path / "b", "--meta-codes", "2")
@@ -152,6 +155,7 @@ def test_same_seed_identical_and_meta_code_mixture(tiny_db, tmp_path):
     assert a["meta_code"]["k"] == 2 and sum(a["meta_code"]["weights"]) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_adam_on_the_hypernetwork_resumes_exactly_and_takes_effect(tiny_db, tmp_path):
     """Adam's moments are client state: a resumed run must restore them (else the results differ)."""
     run_hv(tiny_db, tmp_path / "a", "--hyper-optimizer", "adam", "--rounds", "3")

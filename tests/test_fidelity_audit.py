@@ -83,6 +83,7 @@ def test_audit_catches_a_copying_generator_and_not_an_independent_one():
         assert abs(fresh[attack]["auc"] - 0.5) < 0.06, (attack, fresh[attack])
 
 
+@pytest.mark.slow
 def test_canary_a_generator_returning_its_training_records_plus_5pct_noise_is_detected():
     """The leak the old audit missed (DCR AUC 0.77, because it attacked a subsample of the release): on
     the embedded real database, a release = every training record + 5 % noise must score AUC >= 0.95,

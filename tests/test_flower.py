@@ -171,7 +171,7 @@ def test_bad_train_args_are_one_clear_error(flags, message):
 
 
 def test_methods_that_pool_clients_are_refused_with_the_valid_ones():
-    with pytest.raises(UserError, match="does not run on Flower; valid: dpcgan, dpcvae, fedavg, fedhypevae, fedprox"):
+    with pytest.raises(UserError, match=f"does not run on Flower; valid: {', '.join(DISTRIBUTED)}$"):
         flower_app.method_of(flower_app.parse_train_args("--method fedlambda", None))
 
 
@@ -192,7 +192,8 @@ def node_records(client_dbs: Path, run_dir: Path, out: Path) -> tuple[list[dict]
     rel = run_dir.relative_to(out)
     dirs = [client_dbs / f"client_{i}_results" / rel for i in range(len(list(client_dbs.glob("client_*[0-9]"))))]
     return ([json.loads((d / "results.json").read_text()) for d in dirs],
-            [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in dirs])
+            [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+             if (d / "metrics.jsonl").exists() else [] for d in dirs])  # a one-shot method trains no round
 
 
 def assert_nodes_equal_simulation(nodes: list[dict], node_metrics: list[list[dict]], sim: dict, sim_dir: Path,
@@ -324,6 +325,7 @@ EXTRA = {"dpcvae": SMALL_DP, "dpcgan": SMALL_DP,
                        "--meta-steps 20 --meta-samples 8"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", DISTRIBUTED)
 def test_every_distributed_method_on_flower_equals_the_simulated_loop(tmp_path, method):
     db = write_db(tmp_path / "db", n=400, dim=16, n_classes=3, spread=2.5)
@@ -344,6 +346,7 @@ def test_every_distributed_method_on_flower_equals_the_simulated_loop(tmp_path, 
         assert all(n["meta_code"] == sim["meta_code"] for n in nodes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("superlink_answers", [False, True], ids=["silent", "superlink-error"])
 @pytest.mark.parametrize("policy", ["continue", "fail"])
 def test_a_node_lost_mid_run_continues_or_stops_as_configured(tmp_path, policy, superlink_answers):

@@ -81,7 +81,7 @@ def test_invalid_split_settings_are_refused_when_the_flags_are_read(settings, me
 
 @pytest.mark.parametrize("cfg,groups,message", [
     (SplitConfig(n_clients=5000), None, "exceeds the 3000 samples"),
-    (SplitConfig(n_clients=200, alpha=0.01, min_samples=10), None, "no Dirichlet draw"),
+    pytest.param(SplitConfig(n_clients=200, alpha=0.01, min_samples=10), None, "no Dirichlet draw", marks=pytest.mark.slow),
     (SplitConfig(kind="natural"), None, "needs a database with groups"),
     (SplitConfig(kind="natural", n_clients=3), np.zeros(3000, int), "has 1 groups"),
 ])

@@ -16,6 +16,13 @@ from models.cvae import CVAE
 from models.cgan import Discriminator
 from tests.test_federated import FAST, results_of, strip_timing
 import train
+from federated.methods import METHODS
+from federated.methods.anonymizer import Anonymizer
+
+# the DP-SGD anonymizers whose ledger is their training steps and the size release (FedHypeVAE, with its
+# class statistics, and the one-shot DP-Gauss have tests of their own)
+DPSGD_ANONYMIZERS = sorted(n for n, c in METHODS.items() if issubclass(c, Anonymizer) and c.federated
+                           and c.release_spec is Anonymizer.release_spec)
 
 # --count-noise 10: the tiny clients (~130 records) keep a released size near their own, so q < 1
 DP_FAST = [*FAST, "--accountant", "rdp", "--gen-batch-size", "64", "--gen-local-epochs", "1", "--latent", "8", "--cvae-hidden", "32",
@@ -95,7 +102,8 @@ def run_dp(db, out, *extra, seeds=("1",)):
     assert train.main(args) == 0
 
 
-@pytest.mark.parametrize("method", ["dpcvae", "dpcgan"])
+@pytest.mark.slow
+@pytest.mark.parametrize("method", DPSGD_ANONYMIZERS)
 def test_spent_epsilon_is_within_target_recomputed_independently(tiny_db, tmp_path, method):
     run_dp(tiny_db, tmp_path / "r", "--method", method, "--epsilon", "2.0", "--accountant", "rdp")
     privacy = results_of(tmp_path / "r", method)["privacy"]
@@ -114,6 +122,7 @@ def test_spent_epsilon_is_within_target_recomputed_independently(tiny_db, tmp_pa
         assert [r["what"] for r in c["releases"]] == ["n_train"]
 
 
+@pytest.mark.slow
 def test_doubling_rounds_raises_the_noise_multiplier(tiny_db, tmp_path):
     run_dp(tiny_db, tmp_path / "a", "--method", "dpcvae", "--rounds", "2", "--tag", "r2")
     run_dp(tiny_db, tmp_path / "b", "--method", "dpcvae", "--rounds", "4", "--tag", "r4")
@@ -122,7 +131,8 @@ def test_doubling_rounds_raises_the_noise_multiplier(tiny_db, tmp_path):
     assert all(y["noise_multiplier"] > x["noise_multiplier"] for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("method", ["dpcvae", "dpcgan"])
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpcvae", "dpcgan"])  # their payload keys are written out below
 def test_server_receives_only_model_weights(tiny_db, tmp_path, monkeypatch, method):
     from data.database import load_database
     from federated.channel import Channel
@@ -149,6 +159,7 @@ def test_server_receives_only_model_weights(tiny_db, tmp_path, monkeypatch, meth
     assert sum(set(p) == expected for p in seen) == 2 * 3  # rounds x clients
 
 
+@pytest.mark.slow
 def test_no_dp_runs_and_reports_no_epsilon(tiny_db, tmp_path):
     run_dp(tiny_db, tmp_path / "r", "--method", "dpcvae", "--no-dp")
     privacy = results_of(tmp_path / "r", "dpcvae")["privacy"]
@@ -168,6 +179,7 @@ def run_interrupted_then_resumed(run_fn, *args) -> None:
     run_fn(*args)
 
 
+@pytest.mark.slow
 def test_same_seed_identical_and_resume(tiny_db, tmp_path):
     run_dp(tiny_db, tmp_path / "a", "--method", "dpcvae", "--rounds", "3")
     run_interrupted_then_resumed(run_dp, tiny_db, tmp_path / "b", "--method", "dpcvae", "--rounds", "3")
@@ -175,6 +187,7 @@ def test_same_seed_identical_and_resume(tiny_db, tmp_path):
     assert json.dumps(strip_timing(a)) == json.dumps(strip_timing(b))
 
 
+@pytest.mark.slow
 def test_a_client_missing_a_class_gains_from_synthetic_data(tmp_path):
     """Client 0 has no training sample of class 3 but meets it at test time: the local classifier
     cannot predict it, the one trained on real + synthetic data (no DP, to isolate the mechanism) can."""

@@ -65,15 +65,20 @@ def test_no_results_is_a_clear_error(tmp_path):
         tables.collect(tmp_path)
 
 
-def test_experiment_scripts_use_only_flags_train_py_knows():
+def test_experiment_scripts_use_only_flags_train_py_knows(capsys):
     import re
     import subprocess
     from conftest import ROOT
-    import train
     from experiments import plots
-    parsers = [train.get_args_parser(), tables.get_args_parser(),
-               *plots.get_args_parser()._subparsers._group_actions[0].choices.values()]
-    known = {s for p in parsers for a in p._actions for s in a.option_strings}
+    from federated.config import method_flags
+    from federated.methods import METHODS
+    import train
+    with pytest.raises(SystemExit):  # the general flags, from train.py's own --help
+        train.parse_args(["--help"])
+    known = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", capsys.readouterr().out))
+    known |= {name for m in METHODS for fl in method_flags(m) for name in fl.names}
+    parsers = [tables.get_args_parser(), *plots.get_args_parser()._subparsers._group_actions[0].choices.values()]
+    known |= {s for p in parsers for a in p._actions for s in a.option_strings}
     scripts = sorted((ROOT / "experiments").glob("*/*.sh")) + sorted((ROOT / "experiments").glob("*.sh"))
     assert {s.parent.name for s in scripts} >= {"organamnist", "organsmnist", "camelyon17", "isic"}
     assert all((ROOT / "experiments" / d / "table1.sh").exists() for d in ("organamnist", "organsmnist", "camelyon17", "isic"))

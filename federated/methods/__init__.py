@@ -47,4 +47,5 @@ METHODS = Registry({
     "dpcvae": "federated.methods.dpcvae:DPCVAE",
     "dpcgan": "federated.methods.dpcgan:DPCGAN",
     "fedhypevae": "federated.methods.fedhypevae:FedHypeVAE",
+    "dpgauss": "federated.methods.dpgauss:DPGauss",
 })

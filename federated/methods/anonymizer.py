@@ -23,7 +23,7 @@ from federated.channel import SIZE_LEDGER
 from federated.methods.base import (BATCHES, DOWNSTREAM, LATENT, NOISE, RELEASE_EVAL, SERVER, SYNTH, FederatedMethod,
                                     RunContext)
 from federated.privacy import ClientAccountant, PrivacyConfig, add_noise, calibrate_noise, clipped_grad_sum, epsilon_of
-from federated.training import OptimConfig, downstream_default, fit_classifier, predict_proba
+from federated.training import ClassifierConfig, downstream_default, fit_downstream, predict_proba
 
 POLICIES = ("fill", "reference", "uniform")
 
@@ -60,12 +60,18 @@ def synthetic_counts(class_counts: torch.Tensor, cfg: SynthesisConfig) -> torch.
 
 
 @dataclass(frozen=True)
-class AnonymizerConfig:
-    gen: GenTrainConfig = section(GenTrainConfig, "Generator training")
+class SynthesizerConfig:
+    """What every anonymizer has: its privacy, its synthesis, the downstream classifier, the audit."""
     privacy: PrivacyConfig = section(PrivacyConfig, "Privacy")
     synthesis: SynthesisConfig = section(SynthesisConfig, "Synthesis")
-    downstream: OptimConfig = section(downstream_default, "Downstream classifier")
+    downstream: ClassifierConfig = section(downstream_default, "Downstream classifier")
     evaluation: ReleaseEvalConfig = section(ReleaseEvalConfig, "Fidelity and membership audit")
+
+
+@dataclass(frozen=True)
+class AnonymizerConfig(SynthesizerConfig):
+    """An anonymizer whose generator is trained by DP-SGD over rounds."""
+    gen: GenTrainConfig = section(GenTrainConfig, "Generator training")
 
 
 class Anonymizer(FederatedMethod):
@@ -75,8 +81,6 @@ class Anonymizer(FederatedMethod):
         super().__init__(ctx, cfg)
         if cfg.synthesis.policy not in POLICIES:
             raise UserError(f"--synthesis {cfg.synthesis.policy!r} is unknown; valid: {', '.join(POLICIES)}")
-        if cfg.gen.batch_size < 1 or cfg.gen.local_epochs < 1:
-            raise UserError("--gen-batch-size and --gen-local-epochs must be >= 1")
         self.privacy = cfg.privacy
         self.noise_gens = [ctx.private_generator(c.id, NOISE) for c in ctx.clients]
         self.batch_gens = [ctx.private_generator(c.id, BATCHES) for c in ctx.clients]
@@ -267,8 +271,8 @@ class Anonymizer(FederatedMethod):
             return torch.cat([getattr(c, attr) for c in clients])
         x_test, y_test = pooled("x_test"), pooled("y_test")
         with self.ctx.phase("release fidelity and TSTR"):
-            tstr_model = fit_classifier(syn_x, syn_y, self.ctx.n_classes, self.cfg.downstream,
-                                        make_generator(seed, SERVER, RELEASE_EVAL, DOWNSTREAM))
+            [tstr_model] = fit_downstream([(syn_x, syn_y)], [(pooled("x_val"), pooled("y_val"))], self.ctx.n_classes,
+                                          self.cfg.downstream, [make_generator(seed, SERVER, RELEASE_EVAL, DOWNSTREAM)])
             tstr = client_metrics(y_test, predict_proba(tstr_model, x_test).argmax(1))
             gen = make_generator(seed, SERVER, RELEASE_EVAL)
             fidelity = fidelity_report(x_test, y_test, syn_x, syn_y, self.ctx.n_classes, cfg, gen)

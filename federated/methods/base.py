@@ -13,7 +13,7 @@ from federated.channel import FINAL_FIELDS, HELLO_FIELDS, SIZE_FIELD, Channel
 from federated.clients import ClientData, make_generator, secret_generator
 from federated.config import RANDOMNESS
 from federated.rounds import InProcess, server_finish, server_round
-from federated.training import OptimConfig, fit_classifiers
+from federated.training import ClassifierConfig, fit_downstream
 
 # Purpose tags for make_generator(seed, client, PURPOSE): independent streams per use.
 INIT, BATCHES, NOISE, LATENT, DOWNSTREAM, SYNTH = range(6)
@@ -72,12 +72,13 @@ class Method:
         raise NotImplementedError
 
     def fit_client_classifiers(self, datasets: list[tuple[torch.Tensor, torch.Tensor]],
-                               cfg: OptimConfig) -> dict[int, torch.nn.Module]:
+                               cfg: ClassifierConfig) -> dict[int, torch.nn.Module]:
         """{client id: a linear classifier trained on datasets[i]}, each from the client's own
-        DOWNSTREAM stream, all clients in one batched loop."""
+        DOWNSTREAM stream (the papers' recipe: all clients in one batched loop), its choices made on
+        the client's own validation split (the balanced recipe)."""
         clients = self.ctx.clients
-        models = fit_classifiers(datasets, self.ctx.n_classes, cfg,
-                                 [make_generator(self.ctx.seed, c.id, DOWNSTREAM) for c in clients])
+        models = fit_downstream(datasets, [(c.x_val, c.y_val) for c in clients], self.ctx.n_classes, cfg,
+                                [make_generator(self.ctx.seed, c.id, DOWNSTREAM) for c in clients])
         return {c.id: m for c, m in zip(clients, models)}
 
     def state_dict(self) -> dict:
@@ -132,8 +133,10 @@ class FederatedMethod(Method):
         """The size client i reports for aggregation (exact: a method without a DP promise)."""
         return float(self.ctx.clients[i].n_train)
 
+    release_stages: ClassVar[int] = 1  # one-off release exchanges after the last round (e.g. centre, then statistics)
+
     def release_spec(self) -> dict[str, tuple[int, ...] | None]:
-        """The fields (and tensor shapes) of client_release's message; none by default."""
+        """The fields (and tensor shapes) client_release may send, over all its stages; none by default."""
         return {}
 
     def ledger_names(self, i: int) -> set[str] | None:
@@ -169,9 +172,19 @@ class FederatedMethod(Method):
     def aggregate(self, payloads: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
         return weighted_average(payloads, weights)
 
-    def client_release(self, i: int) -> dict[str, torch.Tensor]:
-        """What client i sends once after the last round (e.g. DP class statistics); nothing by default."""
+    def client_release(self, i: int, stage: int = 0) -> dict[str, torch.Tensor]:
+        """What client i sends once after the last round, at release stage `stage` (e.g. DP class
+        statistics); nothing by default."""
         return {}
+
+    def absorb(self, stage: int, releases: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Server, between release stages: what the clients need for the next stage (e.g. a pooled
+        DP mean to centre on), broadcast to them."""
+        raise NotImplementedError(f"{type(self).__name__} declares {self.release_stages} release stages")
+
+    def receive_stage(self, stage: int, broadcast: dict[str, torch.Tensor]) -> None:
+        """Client side: the server's broadcast before release stage `stage` (> 0)."""
+        raise NotImplementedError(f"{type(self).__name__} declares {self.release_stages} release stages")
 
     def finalize(self, releases: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """Server, after the last round: the final broadcast."""

@@ -246,7 +246,7 @@ class FedHypeVAE(Anonymizer):
         z = mu + torch.exp(0.5 * logvar) * noise
         return hyper.decode(z, y, scales, shifts)
 
-    def client_release(self, i: int) -> dict[str, torch.Tensor]:
+    def client_release(self, i: int, stage: int = 0) -> dict[str, torch.Tensor]:
         return {"class_stats": self.release_class_stats(i)}
 
     def release_spec(self) -> dict[str, tuple[int, ...]]:

@@ -18,7 +18,7 @@ from data.io import UserError
 from federated.clients import ClientData
 from federated.methods.base import RunContext
 from federated.methods.fedavg import FedAvg, FedAvgConfig
-from federated.training import OptimConfig, downstream_default, predict_proba
+from federated.training import ClassifierConfig, downstream_default, predict_proba
 
 LOCAL_MODELS = ("knn", "linear")
 
@@ -34,7 +34,7 @@ class FedLambdaConfig(FedAvgConfig):
                                      metavar="T")
     lambda_selection: str = setting("client", "one lambda per client, or one for all clients (published code)",
                                     choices=("client", "global"))
-    downstream: OptimConfig = section(downstream_default, "Downstream classifier")
+    downstream: ClassifierConfig = section(downstream_default, "Downstream classifier")
 
 
 def knn_proba(train_x: torch.Tensor, train_y: torch.Tensor, x: torch.Tensor, k: int,

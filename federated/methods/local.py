@@ -12,12 +12,12 @@ import torch
 from data.flags import section
 from federated.clients import ClientData, make_generator
 from federated.methods.base import DOWNSTREAM, SERVER, Method, RunContext
-from federated.training import OptimConfig, downstream_default, fit_classifier, predict_proba
+from federated.training import ClassifierConfig, downstream_default, fit_downstream, predict_proba
 
 
 @dataclass(frozen=True)
 class DownstreamConfig:
-    downstream: OptimConfig = section(downstream_default, "Downstream classifier")
+    downstream: ClassifierConfig = section(downstream_default, "Downstream classifier")
 
 
 class Local(Method):
@@ -44,11 +44,11 @@ class Centralized(Method):
     federated = False
 
     def finish(self) -> None:
-        x = torch.cat([c.x_train for c in self.ctx.clients])
-        y = torch.cat([c.y_train for c in self.ctx.clients])
+        def pooled(part: str) -> tuple[torch.Tensor, torch.Tensor]:
+            return tuple(torch.cat([getattr(c, f"{xy}_{part}") for c in self.ctx.clients]) for xy in "xy")
         with self.ctx.phase("downstream classifier"):
-            self.model = fit_classifier(x, y, self.ctx.n_classes, self.cfg.downstream,
-                                        make_generator(self.ctx.seed, SERVER, DOWNSTREAM))
+            [self.model] = fit_downstream([pooled("train")], [pooled("val")], self.ctx.n_classes, self.cfg.downstream,
+                                          [make_generator(self.ctx.seed, SERVER, DOWNSTREAM)])
 
     def predict(self, client: ClientData, x: torch.Tensor) -> torch.Tensor:
         return predict_proba(self.model, x)

@@ -1,0 +1,147 @@
+"""Well-conditioned one-shot DP statistics of embeddings, released in two stages by each client and
+pooled by the server (federated/methods/dpgauss.py).
+
+Stage 1, the centre. Each record's direction u = x / |x| (unit norm: no radius to choose) and its
+clipped log-norm l = clip(log |x|, -L, L) / L. A client releases [sum u, count, sum l] + Gaussian noise
+(one record moves it by at most sqrt(3) in L2). Pooled: the DP mean direction mu and mean log-norm.
+
+Stage 2, the class statistics, centred and clipped to the spread. v = (u - mu) / r, clipped to |v| <= 1,
+with r = k * sqrt(1 - |mu|^2): for unit vectors E|u - mu|^2 = 1 - |mu|^2, so the spread is a DP
+estimate from stage 1 and k a dimensionless flag (no radius fitted to a database). A client releases
+per class [sum v, count, sum l] and the second moment sum v v^T, + Gaussian noise (sensitivity 2: one
+class row by sqrt(3), the second moment by 1). Pooled over the clients, before any use.
+
+From the pooled sums: class means, a shared within-class covariance and (DP-PCA, post-processing of the
+noisy second moment) its top directions. The noise is isotropic over all D dimensions while the class
+signal lives in a few, so the low-rank model projects the class means onto the top directions too.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+CENTRE_SENSITIVITY = math.sqrt(3.0)  # L2 change of centre_sums when one record leaves (see above)
+STATS_SENSITIVITY = 2.0             # of class_sums
+
+
+def log_norms(x: torch.Tensor, log_range: float) -> torch.Tensor:
+    """clip(log |x|, -L, L) / L, in [-1, 1]."""
+    return x.double().norm(dim=1).clamp(min=1e-300).log().clamp(-log_range, log_range) / log_range
+
+
+def centre_sums(x: torch.Tensor, log_range: float) -> torch.Tensor:
+    """(D + 2,): sum of unit directions, count, sum of clipped log-norms / L."""
+    u = F.normalize(x.double(), dim=1)
+    count = torch.tensor([float(len(x))], dtype=torch.float64, device=x.device)
+    return torch.cat([u.sum(0), count, log_norms(x, log_range).sum(0, keepdim=True)])
+
+
+@dataclass
+class Centre:
+    mean: torch.Tensor      # (D,) DP mean of the unit directions (|mean| <= 1)
+    log_norm: float         # DP mean log-norm of the embeddings
+    radius: float           # clip radius of u - mean: k * the DP spread
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "log_norm": torch.tensor([self.log_norm]), "radius": torch.tensor([self.radius])}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> Centre:
+        return cls(state["mean"].double(), float(state["log_norm"]), float(state["radius"]))
+
+
+def centre_of(pooled: torch.Tensor, log_range: float, clip_spread: float) -> Centre:
+    d = len(pooled) - 2
+    n = float(pooled[d].clamp(min=1.0))
+    mean = pooled[:d].double() / n
+    mean = mean / max(float(mean.norm()), 1.0)  # a mean of unit vectors lies in the unit ball
+    spread = math.sqrt(max(1.0 - float(mean.norm()) ** 2, 1e-6))
+    return Centre(mean, log_range * float(pooled[d + 1]) / n, clip_spread * spread)
+
+
+def centred(x: torch.Tensor, centre: Centre) -> torch.Tensor:
+    """v = (x / |x| - mean) / radius, clipped to the unit ball."""
+    v = (F.normalize(x.double(), dim=1) - centre.mean.to(x.device)) / centre.radius
+    return v / v.norm(dim=1, keepdim=True).clamp(min=1.0)
+
+
+def class_sums(x: torch.Tensor, y: torch.Tensor, centre: Centre, n_classes: int, log_range: float) -> torch.Tensor:
+    """(K (D + 2) + D^2,): per class [sum v, count, sum of clipped log-norms / L], then the second
+    moment sum v v^T."""
+    v = centred(x, centre)
+    rows = torch.cat([v, torch.ones(len(v), 1, dtype=v.dtype, device=v.device), log_norms(x, log_range)[:, None]], dim=1)
+    per_class = torch.zeros(n_classes, rows.shape[1], dtype=v.dtype, device=v.device).index_add_(0, y, rows)
+    return torch.cat([per_class.flatten(), (v.T @ v).flatten()])
+
+
+def class_sums_size(n_classes: int, dim: int) -> int:
+    return n_classes * (dim + 2) + dim * dim
+
+
+@dataclass
+class ClassGaussians:
+    """Class-conditional Gaussians over v with a shared covariance: v = mean_c + basis @ (chol @ z)
+    + residual * (I - basis basis^T) z' (low rank), or v = mean_c + sqrt(diag) * z (diagonal)."""
+    means: torch.Tensor     # (K, D)
+    counts: torch.Tensor    # (K,) noisy
+    log_norms: torch.Tensor  # (K,) each class's DP mean log-norm
+    basis: torch.Tensor     # (D, k); k = 0 for the diagonal model
+    chol: torch.Tensor      # (k, k) Cholesky factor of the covariance inside the basis
+    scale: torch.Tensor     # (D,) the diagonal model's std per dimension, or the residual std (all equal)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in FIELDS}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> ClassGaussians:
+        return cls(**{k: state[k].double() for k in FIELDS})
+
+    def sample(self, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        d, k = self.means.shape[1], self.basis.shape[1]
+        z = torch.randn(len(y), d, generator=gen, dtype=torch.float64)
+        if k == 0:
+            return self.means[y.cpu()] + self.scale * z
+        inside = torch.randn(len(y), k, generator=gen, dtype=torch.float64) @ self.chol.T @ self.basis.T
+        rest = self.scale * (z - (z @ self.basis) @ self.basis.T)
+        return self.means[y.cpu()] + inside + rest
+
+
+FIELDS = ("means", "counts", "log_norms", "basis", "chol", "scale")
+
+
+def class_gaussians(pooled: torch.Tensor, n_classes: int, dim: int, covariance: str, pca_dims: int,
+                    log_range: float, centre: Centre) -> ClassGaussians:
+    """The model of the pooled (noisy) class_sums (a class with a noisy count under 1 takes the
+    centre's log-norm)."""
+    per_class = pooled[:n_classes * (dim + 2)].reshape(n_classes, dim + 2).double()
+    second = pooled[n_classes * (dim + 2):].reshape(dim, dim).double()
+    second = (second + second.T) / 2
+    counts = per_class[:, dim]
+    n_c = counts.clamp(min=1.0)
+    log_norms = torch.where(counts >= 1, log_range * per_class[:, dim + 1] / n_c, centre.log_norm)
+    means = per_class[:, :dim] / n_c[:, None]
+    total = float(counts.clamp(min=0).sum().clamp(min=1.0))
+    within = (second - (per_class[:, :dim].T / n_c) @ per_class[:, :dim]) / max(total - n_classes, 1.0)
+    within = (within + within.T) / 2
+    if covariance == "diagonal":
+        empty = torch.zeros(dim, 0, dtype=torch.float64)
+        return ClassGaussians(means, counts, log_norms, empty, torch.zeros(0, 0, dtype=torch.float64),
+                              within.diagonal().clamp(min=0).sqrt())
+    k = min(pca_dims, dim)
+    _, vectors = torch.linalg.eigh(second / total)  # DP-PCA: top directions of the noisy second moment
+    basis = vectors[:, -k:].flip(1)
+    means = means @ basis @ basis.T  # the class signal lies in the top directions; the noise does not
+    inside = basis.T @ within @ basis
+    values, rot = torch.linalg.eigh((inside + inside.T) / 2)
+    chol = rot * values.clamp(min=0).sqrt()  # a square root of the PSD part: chol @ chol.T
+    residual = (within.trace() - inside.trace()).clamp(min=0) / max(dim - k, 1)
+    return ClassGaussians(means, counts, log_norms, basis, chol, residual.sqrt().expand(dim).clone())
+
+
+def embeddings(v: torch.Tensor, y: torch.Tensor, centre: Centre, model: ClassGaussians) -> torch.Tensor:
+    """Back from v to the embedding space: direction mean + radius v, scaled to its class's DP mean norm."""
+    u = F.normalize(centre.mean + centre.radius * v, dim=1)
+    return (u * model.log_norms[y.cpu()].exp()[:, None]).float()

@@ -1,0 +1,149 @@
+"""DP-Gauss: one-shot DP class statistics -> class-conditional Gaussian synthetic embeddings.
+
+No training rounds. Each client releases twice (federated/dpstats.py): its DP centre sums, then, centred
+on the pooled DP centre and clipped to the DP spread, its DP class sums and second moment. The server
+pools them into class means and a shared low-rank (DP-PCA) or diagonal covariance and broadcasts the
+model; each client samples synthetic embeddings from it for its own class gaps and trains its
+downstream classifier on real + synthetic data, as every anonymizer does. Both releases and the noisy
+size are in the client's ledger; their noise multipliers are calibrated together to the target epsilon.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from data.flags import setting
+from federated import dpstats
+from federated.methods.anonymizer import Anonymizer, SynthesizerConfig
+from federated.methods.base import RunContext
+from federated.privacy import calibrate_noise
+
+COVARIANCES = ("lowrank", "diagonal")
+CENTRE, STATS = "centre", "class_stats"  # the two releases (and their ledger entries)
+
+
+@dataclass(frozen=True)
+class DPGaussConfig(SynthesizerConfig):
+    centre_share: float = setting(0.25, "share of the budget (in 1/sigma^2) spent on the DP centre; the rest goes "
+                                  "to the class statistics", metavar="W")
+    clip_spread: float = setting(1.5, "clip radius of the centred unit embeddings, in units of their DP spread "
+                                 "sqrt(1 - |mean|^2)", metavar="K")
+    covariance: str = setting("lowrank", "shared within-class covariance: lowrank (the top --pca-dims directions of "
+                              "the noisy second moment, class means projected on them, isotropic rest) or diagonal",
+                              choices=COVARIANCES)
+    pca_dims: int = setting(16, "directions of the low-rank model (DP-PCA)", metavar="K", minimum=1)
+    log_norm_range: float = setting(10.0, "log-norms are released clipped to [-L, L] (norms e^-L..e^L: any "
+                                    "backbone's)", metavar="L")
+
+    def __post_init__(self) -> None:
+        from data.io import UserError
+        if not 0 < self.centre_share < 1 or self.clip_spread <= 0 or self.log_norm_range <= 0:
+            raise UserError("--centre-share must lie in (0, 1), --clip-spread and --log-norm-range must be > 0")
+
+
+class DPGauss(Anonymizer):
+    name = "dpgauss"
+    Config = DPGaussConfig
+    federated = False   # no training rounds: the releases are its whole protocol
+    release_stages = 2
+
+    def __init__(self, ctx: RunContext, cfg: DPGaussConfig) -> None:
+        super().__init__(ctx, cfg)
+        self.centre: dpstats.Centre | None = None
+        self.model: dpstats.ClassGaussians | None = None
+
+    # --- no DP-SGD: two Gaussian releases per client ----------------------------------------------------
+    @property
+    def steps_per_epoch(self) -> list[int]:
+        return [0] * len(self.ctx.clients)
+
+    @property
+    def sample_rates(self) -> list[float]:
+        return [1.0] * len(self.ctx.clients)
+
+    def release_sigmas(self, sigma: float) -> tuple[float, float]:
+        """(centre, statistics) noise multipliers: the budget split by centre_share in 1/sigma^2."""
+        w = self.cfg.centre_share
+        return sigma / math.sqrt(w), sigma / math.sqrt(1 - w)
+
+    def calibrate(self) -> list[float]:
+        if not self.privacy.enabled:
+            return [0.0] * len(self.ctx.clients)
+        count = self.privacy.count_noise
+        sigma = calibrate_noise(lambda s: [(count, 1.0, 1), *((r, 1.0, 1) for r in self.release_sigmas(s))],
+                                self.privacy)
+        return [sigma] * len(self.ctx.clients)
+
+    def noisy(self, i: int, sums: torch.Tensor, what: str, sigma: float, sensitivity: float) -> torch.Tensor:
+        """The Gaussian mechanism: noise std sigma x the sums' L2 sensitivity, one ledger entry."""
+        if not self.privacy.enabled:
+            return sums
+        self.accountants[i].release(what, sigma)
+        noise = torch.randn(sums.shape, generator=self.noise_gens[i], dtype=torch.float64)
+        return sums + sigma * sensitivity * noise.to(sums.device)
+
+    # --- the protocol -------------------------------------------------------------------------------------
+    def client_release(self, i: int, stage: int = 0) -> dict[str, torch.Tensor]:
+        c = self.ctx.clients[i]
+        self.released_sizes  # noqa: B018  (the size is released first, as in every anonymizer's ledger)
+        sigma_centre, sigma_stats = self.release_sigmas(self.noise_multipliers[i])
+        if stage == 0:
+            sums = dpstats.centre_sums(c.x_train, self.cfg.log_norm_range)
+            return {CENTRE: self.noisy(i, sums, CENTRE, sigma_centre, dpstats.CENTRE_SENSITIVITY)}
+        sums = dpstats.class_sums(c.x_train, c.y_train, self.centre, self.ctx.n_classes, self.cfg.log_norm_range)
+        return {STATS: self.noisy(i, sums, STATS, sigma_stats, dpstats.STATS_SENSITIVITY)}
+
+    def release_spec(self) -> dict[str, tuple[int, ...]]:
+        d, k = self.ctx.dim, self.ctx.n_classes
+        return {CENTRE: (d + 2,), STATS: (dpstats.class_sums_size(k, d),)}
+
+    def absorb(self, stage: int, releases: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = torch.stack([r[CENTRE].double() for r in releases]).sum(0)
+        self.centre = dpstats.centre_of(pooled, self.cfg.log_norm_range, self.cfg.clip_spread)
+        return self.centre.state()
+
+    def receive_stage(self, stage: int, broadcast: dict[str, torch.Tensor]) -> None:
+        self.centre = dpstats.Centre.from_state(broadcast)
+
+    def finalize(self, releases: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = torch.stack([r[STATS].double() for r in releases]).sum(0)
+        self.model = dpstats.class_gaussians(pooled, self.ctx.n_classes, self.ctx.dim, self.cfg.covariance,
+                                             self.cfg.pca_dims, self.cfg.log_norm_range, self.centre)
+        return {**{f"centre.{k}": v for k, v in self.centre.state().items()},
+                **{f"model.{k}": v for k, v in self.model.state().items()}}
+
+    def receive_final(self, final: dict[str, torch.Tensor]) -> None:
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k.removeprefix(prefix): v for k, v in final.items() if k.startswith(prefix)}
+        self.centre = dpstats.Centre.from_state(part("centre."))
+        self.model = dpstats.ClassGaussians.from_state(part("model."))
+
+    def sample(self, i: int, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return dpstats.embeddings(self.model.sample(y, gen), y, self.centre, self.model).to(self.ctx.device)
+
+    # --- what a federated method must also say ------------------------------------------------------------
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        return {}  # no shared model is trained
+
+    def receive(self, shared: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def shared_parameters(self) -> dict[str, int]:
+        return {"released_floats_per_client": sum(math.prod(s) for s in self.release_spec().values())}
+
+    def state_dict(self) -> dict:
+        return {"anonymizer": self.anonymizer_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load_anonymizer_state(state["anonymizer"])
+
+    def report(self) -> dict:
+        out = super().report()
+        sigma_centre, sigma_stats = self.release_sigmas(self.noise_multipliers[0]) if self.ctx.clients else (None, None)
+        out["dpgauss"] = {"centre_noise_multiplier": sigma_centre, "stats_noise_multiplier": sigma_stats,
+                          "clip_radius": self.centre.radius if self.centre else None,
+                          "mean_norm": math.exp(self.centre.log_norm) if self.centre else None,
+                          "covariance": self.cfg.covariance, "pca_dims": self.cfg.pca_dims}
+        return out

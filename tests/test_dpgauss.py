@@ -1,0 +1,112 @@
+"""DP-Gauss (one-shot DP class statistics, federated/dpstats.py) and the balanced downstream recipe."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from federated import dpstats
+from tests.test_federated import results_of, strip_timing
+from tests.test_privacy import run_dp
+
+
+@pytest.mark.parametrize("case", range(20))
+def test_the_released_sums_move_by_at_most_their_sensitivity_when_one_record_leaves(case):
+    """Neighbouring datasets (one record removed), including records far outside the data: the
+    centre sums differ by at most sqrt(3) in L2, the centred, clipped class statistics by at most 2."""
+    gen = torch.Generator().manual_seed(case)
+    n, d, k = 50, 8, 3
+    x = torch.randn(n, d, generator=gen) * 5 + 3
+    x[0] *= 1e4 if case % 2 else 1e-4  # an extreme norm
+    y = torch.randint(0, k, (n,), generator=gen)
+    centre = dpstats.centre_of(dpstats.centre_sums(x, 10.0), 10.0, 0.5 + case / 10)
+    drop = case % n
+    keep = torch.arange(n) != drop
+    pairs = ((dpstats.centre_sums(x, 10.0), dpstats.centre_sums(x[keep], 10.0), dpstats.CENTRE_SENSITIVITY),
+             (dpstats.class_sums(x, y, centre, k, 10.0), dpstats.class_sums(x[keep], y[keep], centre, k, 10.0),
+              dpstats.STATS_SENSITIVITY))
+    for full, fewer, sensitivity in pairs:
+        assert (full - fewer).norm() <= sensitivity + 1e-9
+    v = dpstats.centred(x, centre)
+    assert v.norm(dim=1).max() <= 1 + 1e-9
+
+
+def test_the_model_of_exact_statistics_recovers_the_class_means():
+    gen = torch.Generator().manual_seed(0)
+    means = torch.randn(3, 6, generator=gen) * 3 + 10
+    y = torch.arange(3).repeat_interleave(400)
+    x = means[y] + torch.randn(len(y), 6, generator=gen) * 0.3
+    centre = dpstats.centre_of(dpstats.centre_sums(x, 10.0), 10.0, 2.0)
+    for covariance in ("lowrank", "diagonal"):
+        model = dpstats.class_gaussians(dpstats.class_sums(x, y, centre, 3, 10.0), 3, 6, covariance, 4, 10.0, centre)
+        syn = dpstats.embeddings(model.sample(y, torch.Generator().manual_seed(1)), y, centre, model)
+        for c in range(3):
+            assert (syn[y == c].mean(0) - x[y == c].mean(0)).norm() < 0.05 * x[y == c].mean(0).norm(), covariance
+
+
+def test_accounting_recomputed_and_only_noised_releases_cross(tiny_db, tmp_path, monkeypatch):
+    from opacus.accountants import PRVAccountant
+    from federated.channel import Channel
+    seen = []
+    original = Channel.deliver
+
+    def spy(self, client_id, kind, payload):
+        seen.append((client_id, kind, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in payload.items()}))
+        return original(self, client_id, kind, payload)
+    monkeypatch.setattr(Channel, "deliver", spy)
+    run_dp(tiny_db, tmp_path / "r", "--method", "dpgauss", "--accountant", "prv")
+    res = results_of(tmp_path / "r", "dpgauss")
+    privacy = res["privacy"]
+    assert privacy["epsilon_spent_max"] <= 1.0 and privacy["epsilon_spent_max"] > 0.95
+    for c in privacy["clients"]:
+        assert [r["what"] for r in c["releases"]] == ["n_train", "centre", "class_stats"] and c["steps"] == 0
+        acc = PRVAccountant()  # a fresh accountant, from the recorded history alone
+        for sigma, q, steps in c["history"]:
+            for _ in range(steps):
+                acc.step(noise_multiplier=sigma, sample_rate=q)
+        assert acc.get_epsilon(delta=1e-4) <= 1.0
+        assert c["epsilon_spent"] == pytest.approx(acc.get_epsilon(delta=1e-4), rel=1e-6)
+    assert {kind for _, kind, _ in seen} == {"size", "release", "final"}
+    centres = [p["centre"] for _, kind, p in seen if kind == "release" and "centre" in p]
+    assert len(centres) == 3
+    from data.database import load_database
+    from federated.clients import build_clients
+    from federated.config import parse_args, split_config
+    from tests.test_federated import FAST
+    db = load_database(tiny_db)
+    clients = build_clients(db, split_config(parse_args(["--db", str(tiny_db), *FAST])), 1, torch.device("cpu"))
+    for c, sent in zip(clients, centres):  # what crossed is the noised sum, never the exact one
+        exact = dpstats.centre_sums(c.x_train, 10.0)
+        assert (sent - exact).norm() > 1.0
+    assert res["rounds"] == 0 and "dpgauss" in res and res["fidelity"]["tstr"]["bacc"] > 0
+
+
+def test_same_seed_same_results_and_no_dp_reports_no_epsilon(tiny_db, tmp_path):
+    run_dp(tiny_db, tmp_path / "a", "--method", "dpgauss")
+    run_dp(tiny_db, tmp_path / "b", "--method", "dpgauss")
+    a, b = results_of(tmp_path / "a", "dpgauss"), results_of(tmp_path / "b", "dpgauss")
+    assert json.dumps(strip_timing(a)) == json.dumps(strip_timing(b))
+    run_dp(tiny_db, tmp_path / "c", "--method", "dpgauss", "--no-dp")
+    assert results_of(tmp_path / "c", "dpgauss")["privacy"]["epsilon_spent_max"] is None
+
+
+def test_the_balanced_recipe_solves_scikit_learns_problem_and_chooses_c_on_validation():
+    from sklearn.linear_model import LogisticRegression
+    from federated.training import downstream_default, fit_balanced, predict_proba
+    import dataclasses
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 5, generator=gen) * 2
+    y = torch.cat([torch.zeros(200), torch.ones(30), torch.full((10,), 2)]).long()
+    x = centres[y] + torch.randn(len(y), 5, generator=gen) + 4
+    cfg = dataclasses.replace(downstream_default(), recipe="balanced", c_grid=(3.0,))
+    model = fit_balanced(x, y, x, y, 3, cfg)
+    xs = torch.nn.functional.normalize(x.double(), dim=1).numpy()
+    ref = LogisticRegression(C=3.0, class_weight="balanced", tol=1e-10, max_iter=10_000).fit(xs, y.numpy())
+    assert torch.allclose(predict_proba(model, x).double(), torch.from_numpy(ref.predict_proba(xs)), atol=2e-3)
+    # validation data that only a nearly unregularised model fits well picks the largest C
+    wide = dataclasses.replace(cfg, c_grid=(1e-3, 1e3))
+    picked = fit_balanced(x, y, x, y, 3, wide)
+    assert picked.weight.norm() > fit_balanced(x, y, x, y, 3, dataclasses.replace(cfg, c_grid=(1e-3,))).weight.norm()
+    assert math.isclose(float(predict_proba(model, x).sum(1).mean()), 1.0, rel_tol=1e-6)
