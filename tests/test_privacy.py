@@ -198,7 +198,7 @@ def test_a_client_missing_a_class_gains_from_synthetic_data(tmp_path):
     from federated.methods.local import DownstreamConfig, Local
     from federated.methods.anonymizer import GenTrainConfig
     from federated.privacy import PrivacyConfig
-    from federated.training import OptimConfig
+    from federated.training import ClassifierConfig
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(4, 8, generator=g) * 3
 
@@ -209,7 +209,7 @@ def test_a_client_missing_a_class_gains_from_synthetic_data(tmp_path):
     for i in range(3):
         train_classes = [0, 1, 2] if i == 0 else [0, 1, 2, 3]
         clients.append(ClientData(i, *draw(train_classes, 60), *draw(train_classes, 10), *draw([0, 1, 2, 3], 20)))
-    downstream = OptimConfig(optimizer="adam", lr=1e-2, momentum=0.0, weight_decay=0.0, batch_size=32, epochs=30)
+    downstream = ClassifierConfig(optimizer="adam", lr=1e-2, momentum=0.0, weight_decay=0.0, batch_size=32, epochs=30)
     results = {}
     for name, method in (("local", lambda ctx: Local(ctx, DownstreamConfig(downstream))),
                          ("dpcvae", lambda ctx: DPCVAE(ctx, DPCVAEConfig(
