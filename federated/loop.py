@@ -95,14 +95,17 @@ def run_locked(method: Method, info: RunInfo, folder: RunFolder, *, progress: bo
 
 
 def client_results(method: Method) -> list[dict]:
-    """Each client's test metrics of its final model (after finish()), with its exact split sizes:
-    the clients' own records (what a client publishes of it is its final_message)."""
+    """Each client's test metrics of its final model (after finish()), its validation accuracy and
+    balanced accuracy (what tuning grids rank by: experiments/tuning.py; FedLambda and the balanced
+    recipe choose on these splits, so theirs are optimistic) and its exact split sizes: the clients' own
+    records (what a client publishes of it is its final_message)."""
     out = []
     for c in method.ctx.clients:
         with torch.no_grad():
-            pred = method.predict(c, c.x_test).argmax(1)
+            pred, val = method.predict(c, c.x_test).argmax(1), method.predict(c, c.x_val).argmax(1)
+        on_val = client_metrics(c.y_val, val)
         out.append({"id": c.id, "n_train": c.n_train, "n_val": len(c.y_val), "n_test": len(c.y_test),
-                    **client_metrics(c.y_test, pred)})
+                    **client_metrics(c.y_test, pred), "val_acc": on_val["acc"], "val_bacc": on_val["bacc"]})
     return out
 
 

@@ -134,3 +134,21 @@ def test_table1_script_runs_the_grid_end_to_end(tmp_path):
     assert (tmp_path / "res/tables/table1_organamnist_release.md").exists()
     figures = {p.name for p in (tmp_path / "res/figures").glob("*.png")}
     assert "organamnist_clients.png" in figures and len(figures) == 1 + 3 * 2
+
+
+def test_tuning_ranks_settings_by_validation_metrics_only(tmp_path, capsys):
+    from experiments import tuning
+    for tag, val, test in (("tune_a", 0.6, 0.9), ("tune_b", 0.8, 0.1)):
+        for seed in (1, 2):
+            path = tmp_path / "organamnist" / "dpgauss" / tag / f"seed={seed}" / "results.json"
+            path.parent.mkdir(parents=True)
+            clients = [{"id": i, "bacc": test, "val_bacc": val + 0.01 * i, "val_acc": val} for i in range(2)]
+            path.write_text(json.dumps({"seed": seed, "split": {"split_seed": 7}, "clients": clients,
+                                        "privacy": {"epsilon_spent_max": 0.99}}))
+    ranked = tuning.scores(tmp_path, "dpgauss", "val_bacc")
+    assert list(ranked) == ["tune_b", "tune_a"]  # by validation BACC, whatever the test BACC says
+    assert ranked["tune_b"]["score"] == pytest.approx(0.805) and ranked["tune_b"]["split_seeds"] == [7]
+    old = tmp_path / "organamnist" / "dpgauss" / "tune_a" / "seed=1" / "results.json"
+    old.write_text(json.dumps({"seed": 1, "split": {"split_seed": 7}, "clients": [{"id": 0, "bacc": 0.5}]}))
+    with pytest.raises(UserError, match="no val_bacc per client"):
+        tuning.scores(tmp_path, "dpgauss", "val_bacc")
