@@ -44,6 +44,7 @@ from federated.clients import build_clients  # noqa: E402
 from federated.loop import RunInfo, run  # noqa: E402
 from federated.methods import METHODS  # noqa: E402
 from federated.methods.base import RunContext  # noqa: E402
+from federated.runfolder import RunFolder  # noqa: E402
 
 REAL_DB = ROOT / "assets" / "organamnist_vits14_224"
 SEED = 3407
@@ -88,7 +89,7 @@ def measure(name: str, db_path: Path, n_clients: int, rounds: int, threads: int)
     n_train = sum(c.n_train for c in method.ctx.clients)
     with tempfile.TemporaryDirectory() as tmp:
         tic = time.perf_counter()
-        results = run(method, RunInfo(name, "bench", SEED, {}), Path(tmp), progress=False)
+        results = run(method, RunInfo(name, "bench", SEED, {}), RunFolder(Path(tmp)), progress=False)
         wall = time.perf_counter() - tic
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     counted = new_method(name, db, split, rounds)

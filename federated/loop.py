@@ -46,7 +46,6 @@ def run(method: Method, info: RunInfo, folder: RunFolder, *, progress: bool = Tr
         stop_after: int | None = None) -> dict:
     """Runs (or resumes) `method` in its run folder and returns results.json's content.
     stop_after: return after that many completed rounds, as a kill would (tests)."""
-    folder = folder if isinstance(folder, RunFolder) else RunFolder(folder)
     if folder.finished:
         return folder.results()
     with folder.lock():

@@ -15,7 +15,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from data.io import UserError, atomic_torch_save, atomic_write_json, atomic_write_text, read_json
 
@@ -57,7 +57,7 @@ class RunFolder:
         return path.read_text().splitlines() if path.exists() else []
 
     # --- settings --------------------------------------------------------------------------------
-    def refuse_other_settings(self, method: str, changed: callable) -> None:
+    def refuse_other_settings(self, method: str, changed: Callable[[dict], list[str]]) -> None:
         """A folder whose run has started keeps its settings: `changed(old_settings)` lists those this
         run would change; a folder that never completed a round takes the new ones."""
         if not (self.path / CONFIG).exists() or not self.started:

@@ -193,6 +193,7 @@ def test_a_client_missing_a_class_gains_from_synthetic_data(tmp_path):
     cannot predict it, the one trained on real + synthetic data (no DP, to isolate the mechanism) can."""
     from federated.clients import ClientData
     from federated.loop import RunInfo, run
+    from federated.runfolder import RunFolder
     from federated.methods.base import RunContext
     from federated.methods.dpcvae import DPCVAE, DPCVAEConfig
     from federated.methods.local import DownstreamConfig, Local
@@ -217,7 +218,7 @@ def test_a_client_missing_a_class_gains_from_synthetic_data(tmp_path):
                              downstream=downstream, hidden=64, latent=4)))):
         ctx = RunContext(clients, 4, 8, seed=0, rounds=10, device=torch.device("cpu"))
         info = RunInfo(method=name, dataset="toy", seed=0, split={})
-        results[name] = run(method(ctx), info, tmp_path / name, progress=False)["clients"][0]
+        results[name] = run(method(ctx), info, RunFolder(tmp_path / name), progress=False)["clients"][0]
     assert results["local"]["bacc"] <= 0.76  # class 3 is never predicted
     assert results["dpcvae"]["bacc"] > results["local"]["bacc"] + 0.15, results
 
