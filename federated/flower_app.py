@@ -138,11 +138,11 @@ class Node:
     folder: RunFolder
 
 
-def node_folder(context: Context, args: argparse.Namespace, db, method_name: str) -> RunFolder:
+def node_folder(context: Context, args: argparse.Namespace, db, method_name: str, method_cfg) -> RunFolder:
     """The node's own results folder for this run, in the server's layout."""
     path = client_db_path(context)
     root = Path(str(context.node_config.get("results-dir", f"{path}_results")))
-    tag = folder_tag(args.tag, client_info(db)["split"], method_setup(args)[2])
+    tag = folder_tag(args.tag, client_info(db)["split"], method_cfg)
     dataset = args.dataset_name or db.manifest.get("dataset") or "dataset"
     return RunFolder(root / dataset / method_name / tag / f"seed={args.seeds[0]}")
 
@@ -164,7 +164,7 @@ def open_client(context: Context) -> Node:
     if STATE_KEY in context.state:
         blob = context.state[STATE_KEY]["state"]
         method.load_state_dict(torch.load(io.BytesIO(blob), map_location=device, weights_only=True))
-    return Node(method, db, node_folder(context, args, db, name))
+    return Node(method, db, node_folder(context, args, db, name, method_cfg))
 
 
 def keep_state(context: Context, method: FederatedMethod) -> None:
