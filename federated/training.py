@@ -102,41 +102,50 @@ def fit_downstream(datasets: list[Data], vals: list[Data], n_classes: int, cfg: 
 def fit_balanced(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, n_classes: int,
                  cfg: ClassifierConfig) -> LinearClassifier:
     """Class-balanced multinomial logistic regression on L2-normalised embeddings, trained to convergence
-    (full-batch L-BFGS, float64, deterministic): minimises sum_i s_i CE_i + |W|^2 / (2C) with
-    scikit-learn's 'balanced' weights s_i = n / (K_present n_{y_i}) and an unpenalised bias, for each C
-    of cfg.c_grid in increasing order (each warm-started from the last); keeps the C with the best
-    balanced accuracy on (x_val, y_val) (ties: the smaller C). A class absent from the training data
-    keeps a logit of -1e4."""
+    (full-batch L-BFGS, deterministic): minimises sum_i s_i CE_i + |W|^2 / (2C) with scikit-learn's
+    'balanced' weights s_i = n / (K_present n_{y_i}) and an unpenalised bias, for each C of cfg.c_grid in
+    increasing order (each warm-started from the last); keeps the C with the best balanced accuracy on
+    (x_val, y_val) (ties: the smaller C). A class absent from the training data keeps a logit of -1e4.
+    Why it is fast: the features are centred (exact, as the bias is unpenalised, and far better
+    conditioned), the loss and gradient are closed-form (no autograd) and float32 (float64 chose the
+    same C on real clients at 2-3x the cost)."""
     from federated.evaluation import client_metrics
     from models.classifier import NormalizedLinearClassifier
-    xs, xv = F.normalize(x.double(), dim=-1), F.normalize(x_val.double(), dim=-1)
-    counts = torch.bincount(y, minlength=n_classes).double()
+    xs = F.normalize(x.float(), dim=-1)
+    centre = xs.mean(0)
+    xs = xs - centre
+    xv = F.normalize(x_val.float(), dim=-1) - centre
+    counts = torch.bincount(y, minlength=n_classes).float()
     present = counts > 0
-    weights = torch.where(present, len(y) / (present.sum() * counts.clamp(min=1)), torch.zeros_like(counts))[y]
+    # the per-record weight s_i / n of the mean objective, and the penalty 1 / (C n) of the same scale
+    record_weight = torch.where(present, 1.0 / (present.sum() * counts.clamp(min=1)), torch.zeros_like(counts))[y]
+    onehot = F.one_hot(y, n_classes).float()
     offset = torch.where(present, 0.0, -1e4).to(xs)
-    weight = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, device=x.device, requires_grad=True)
-    bias = torch.zeros(n_classes, dtype=torch.float64, device=x.device, requires_grad=True)
+    weight = torch.zeros(n_classes, x.shape[1], device=x.device)
+    bias = torch.zeros(n_classes, device=x.device)
     best: tuple[float, torch.Tensor, torch.Tensor] | None = None
     for c in sorted(cfg.c_grid):
         opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=cfg.max_iter, history_size=20,
                                 tolerance_grad=1e-5, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+        penalty = 1.0 / (c * len(y))
 
         def objective() -> torch.Tensor:
-            opt.zero_grad()
             logits = torch.addmm(bias + offset, xs, weight.T)
-            loss = (weights * F.cross_entropy(logits, y, reduction="none")).mean() + weight.pow(2).sum() / (2 * c * len(y))
-            loss.backward()
+            lse = torch.logsumexp(logits, 1)
+            loss = torch.dot(record_weight, lse - (logits * onehot).sum(1)) + 0.5 * penalty * weight.pow(2).sum()
+            residual = (torch.exp(logits - lse[:, None]) - onehot).mul_(record_weight[:, None])
+            weight.grad = torch.addmm(weight, residual.T, xs, beta=penalty)
+            bias.grad = residual.sum(0)
             return loss
         if present.sum() > 1:
             opt.step(objective)
-        with torch.no_grad():
-            pred = torch.addmm(bias + offset, xv, weight.T).argmax(1)
+        pred = torch.addmm(bias + offset, xv, weight.T).argmax(1)
         score = client_metrics(y_val, pred)["bacc"] if len(y_val) else 0.0
         if best is None or score > best[0]:
-            best = (score, weight.detach().clone(), bias.detach().clone())
+            best = (score, weight.clone(), bias.clone())
     model = NormalizedLinearClassifier(x.shape[1], n_classes).to(x.device)
     with torch.no_grad():
-        model.weight.copy_(best[1]), model.bias.copy_(best[2] + offset)
+        model.weight.copy_(best[1]), model.bias.copy_(best[2] + offset - best[1] @ centre)
     return model
 
 
