@@ -40,6 +40,10 @@ class ClassifierConfig(OptimConfig):
     c_grid: tuple[float, ...] = setting((1.0, 10.0, 100.0, 1000.0), "balanced recipe: inverse L2 penalties C "
                                         "searched on validation data", metavar="C,C,..")
     max_iter: int = setting(500, "balanced recipe: L-BFGS iterations at most, per C", metavar="N", minimum=1)
+    synthetic_weights: tuple[float, ...] = setting((0.0, 0.1, 0.3, 1.0), "balanced recipe of an anonymizer: weights "
+                                                   "of a synthetic record relative to a real one, searched with C on "
+                                                   "the client's validation BACC (0 = ignore the synthetic data)",
+                                                   metavar="W,W,..")
 
 
 def downstream_default() -> ClassifierConfig:
@@ -91,61 +95,78 @@ Data = tuple[torch.Tensor, torch.Tensor]
 
 
 def fit_downstream(datasets: list[Data], vals: list[Data], n_classes: int, cfg: ClassifierConfig,
-                   gens: list[torch.Generator]) -> list[LinearClassifier]:
-    """One downstream classifier per training set, by cfg.recipe: the papers' (the batched trainer) or
-    the balanced one, which chooses its penalty on the matching validation set (never a test set)."""
+                   gens: list[torch.Generator], *, synthetic: list[Data] | None = None) -> list[LinearClassifier]:
+    """One downstream classifier per client: trained on datasets[i] (+ synthetic[i], an anonymizer's
+    samples), by cfg.recipe: the papers' (the batched trainer, real and synthetic records alike) or the
+    balanced one, which chooses its penalty and the synthetic records' weight on vals[i] (the
+    client's own validation split, never a test set)."""
+    synthetic = synthetic or [None] * len(datasets)
     if cfg.recipe == "balanced":
-        return [fit_balanced(x, y, xv, yv, n_classes, cfg) for (x, y), (xv, yv) in zip(datasets, vals)]
-    return fit_classifiers(datasets, n_classes, cfg, gens)
+        return [fit_balanced(x, y, xv, yv, n_classes, cfg, synthetic=syn)
+                for (x, y), (xv, yv), syn in zip(datasets, vals, synthetic)]
+    joined = [(x, y) if syn is None else (torch.cat([x, syn[0]]), torch.cat([y, syn[1]]))
+              for (x, y), syn in zip(datasets, synthetic)]
+    return fit_classifiers(joined, n_classes, cfg, gens)
 
 
 def fit_balanced(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, n_classes: int,
-                 cfg: ClassifierConfig) -> LinearClassifier:
+                 cfg: ClassifierConfig, *, synthetic: Data | None = None) -> LinearClassifier:
     """Class-balanced multinomial logistic regression on L2-normalised embeddings, trained to convergence
     (full-batch L-BFGS, deterministic): minimises sum_i s_i CE_i + |W|^2 / (2C) with scikit-learn's
-    'balanced' weights s_i = n / (K_present n_{y_i}) and an unpenalised bias, for each C of cfg.c_grid in
-    increasing order (each warm-started from the last); keeps the C with the best balanced accuracy on
-    (x_val, y_val) (ties: the smaller C). A class absent from the training data keeps a logit of -1e4.
+    'balanced' weights s_i = n / (K_present n_{y_i}) and an unpenalised bias. With synthetic records, a
+    synthetic record counts w times a real one (in n and in n_c too, so a class keeps its total weight).
+    Searched: each w of cfg.synthetic_weights (0 = the real data alone), and for each, each C of
+    cfg.c_grid in increasing order, warm-started from the last; kept: the best balanced accuracy on
+    (x_val, y_val), ties to the smaller w, then the smaller C. A class without training weight keeps a
+    logit of -1e4.
     Why it is fast: the features are centred (exact, as the bias is unpenalised, and far better
     conditioned), the loss and gradient are closed-form (no autograd) and float32 (float64 chose the
     same C on real clients at 2-3x the cost)."""
     from federated.evaluation import client_metrics
     from models.classifier import NormalizedLinearClassifier
-    xs = F.normalize(x.float(), dim=-1)
-    centre = xs.mean(0)
+    has_syn = synthetic is not None and len(synthetic[1]) > 0
+    x_all = torch.cat([x, synthetic[0]]) if has_syn else x
+    y_all = torch.cat([y, synthetic[1]]) if has_syn else y
+    xs = F.normalize(x_all.float(), dim=-1)
+    centre = xs[:len(y)].mean(0) if len(y) else xs.mean(0)
     xs = xs - centre
     xv = F.normalize(x_val.float(), dim=-1) - centre
-    counts = torch.bincount(y, minlength=n_classes).float()
-    present = counts > 0
-    # the per-record weight s_i / n of the mean objective, and the penalty 1 / (C n) of the same scale
-    record_weight = torch.where(present, 1.0 / (present.sum() * counts.clamp(min=1)), torch.zeros_like(counts))[y]
-    onehot = F.one_hot(y, n_classes).float()
-    offset = torch.where(present, 0.0, -1e4).to(xs)
-    weight = torch.zeros(n_classes, x.shape[1], device=x.device)
-    bias = torch.zeros(n_classes, device=x.device)
-    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
-    for c in sorted(cfg.c_grid):
-        opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=cfg.max_iter, history_size=20,
-                                tolerance_grad=1e-5, tolerance_change=1e-9, line_search_fn="strong_wolfe")
-        penalty = 1.0 / (c * len(y))
+    onehot = F.one_hot(y_all, n_classes).float()
+    is_syn = torch.arange(len(y_all), device=y_all.device) >= len(y)
+    best: tuple[float, torch.Tensor, torch.Tensor, float, float] | None = None
+    for w in sorted(cfg.synthetic_weights) if has_syn else (0.0,):
+        mass = torch.where(is_syn, w, 1.0)
+        class_mass = torch.zeros(n_classes, device=xs.device).index_add_(0, y_all, mass)
+        present = class_mass > 0
+        # per-record weight s_i / n of the mean objective (sums to 1); the penalty 1 / (C n) on that scale
+        record_weight = mass * torch.where(present, 1.0 / (present.sum() * class_mass.clamp(min=1e-12)), 0.0)[y_all]
+        n = float(mass.sum())
+        offset = torch.where(present, 0.0, -1e4).to(xs)
+        weight = torch.zeros(n_classes, x.shape[1], device=x.device)
+        bias = torch.zeros(n_classes, device=x.device)
+        for c in sorted(cfg.c_grid):
+            opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=cfg.max_iter, history_size=20,
+                                    tolerance_grad=1e-5, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+            penalty = 1.0 / (c * n)
 
-        def objective() -> torch.Tensor:
-            logits = torch.addmm(bias + offset, xs, weight.T)
-            lse = torch.logsumexp(logits, 1)
-            loss = torch.dot(record_weight, lse - (logits * onehot).sum(1)) + 0.5 * penalty * weight.pow(2).sum()
-            residual = (torch.exp(logits - lse[:, None]) - onehot).mul_(record_weight[:, None])
-            weight.grad = torch.addmm(weight, residual.T, xs, beta=penalty)
-            bias.grad = residual.sum(0)
-            return loss
-        if present.sum() > 1:
-            opt.step(objective)
-        pred = torch.addmm(bias + offset, xv, weight.T).argmax(1)
-        score = client_metrics(y_val, pred)["bacc"] if len(y_val) else 0.0
-        if best is None or score > best[0]:
-            best = (score, weight.clone(), bias.clone())
+            def objective() -> torch.Tensor:
+                logits = torch.addmm(bias + offset, xs, weight.T)
+                lse = torch.logsumexp(logits, 1)
+                loss = torch.dot(record_weight, lse - (logits * onehot).sum(1)) + 0.5 * penalty * weight.pow(2).sum()
+                residual = (torch.exp(logits - lse[:, None]) - onehot).mul_(record_weight[:, None])
+                weight.grad = torch.addmm(weight, residual.T, xs, beta=penalty)
+                bias.grad = residual.sum(0)
+                return loss
+            if present.sum() > 1:
+                opt.step(objective)
+            pred = torch.addmm(bias + offset, xv, weight.T).argmax(1)
+            score = client_metrics(y_val, pred)["bacc"] if len(y_val) else 0.0
+            if best is None or score > best[0]:
+                best = (score, weight.clone(), bias + offset - weight @ centre, w, c)
     model = NormalizedLinearClassifier(x.shape[1], n_classes).to(x.device)
     with torch.no_grad():
-        model.weight.copy_(best[1]), model.bias.copy_(best[2] + offset - best[1] @ centre)
+        model.weight.copy_(best[1]), model.bias.copy_(best[2])
+    model.chosen = {"synthetic_weight": best[3], "C": best[4], "val_bacc": best[0]}
     return model
 
 

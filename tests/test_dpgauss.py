@@ -110,3 +110,29 @@ def test_the_balanced_recipe_solves_scikit_learns_problem_and_chooses_c_on_valid
     picked = fit_balanced(x, y, x, y, 3, wide)
     assert picked.weight.norm() > fit_balanced(x, y, x, y, 3, dataclasses.replace(cfg, c_grid=(1e-3,))).weight.norm()
     assert math.isclose(float(predict_proba(model, x).sum(1).mean()), 1.0, rel_tol=1e-6)
+
+
+def test_the_balanced_recipe_weighs_synthetic_records_by_validation():
+    from federated.training import downstream_default, fit_balanced, predict_proba
+    import dataclasses
+    gen = torch.Generator().manual_seed(1)
+    centres = torch.randn(3, 6, generator=gen) * 3
+    y = torch.cat([torch.zeros(100), torch.ones(100)]).long()  # class 2 is absent from the real data
+    x = centres[y] + torch.randn(len(y), 6, generator=gen) + 5
+    y_syn = torch.full((60,), 2)
+    x_syn = centres[y_syn] + torch.randn(60, 6, generator=gen) + 5
+    cfg = dataclasses.replace(downstream_default(), recipe="balanced", c_grid=(10.0,), synthetic_weights=(0.0,))
+    # weight 0: exactly the real data alone, and the synthetic-only class is never predicted
+    alone = fit_balanced(x, y, x, y, 3, cfg)
+    zero = fit_balanced(x, y, x, y, 3, cfg, synthetic=(x_syn, y_syn))
+    assert torch.allclose(predict_proba(zero, x_syn), predict_proba(alone, x_syn), atol=1e-5)
+    assert (predict_proba(zero, x_syn).argmax(1) != 2).all() and zero.chosen["synthetic_weight"] == 0.0
+    # validation data holding class 2 picks a positive weight, and the model then predicts it
+    x_val, y_val = torch.cat([x, x_syn]), torch.cat([y, y_syn])
+    picked = fit_balanced(x, y, x_val, y_val, 3, dataclasses.replace(cfg, synthetic_weights=(0.0, 0.5)),
+                          synthetic=(x_syn, y_syn))
+    assert picked.chosen["synthetic_weight"] == 0.5 and picked.chosen["val_bacc"] > 0.9
+    assert (predict_proba(picked, x_syn).argmax(1) == 2).float().mean() > 0.9
+    # ties go to the smaller weight: validation without class 2 cannot tell them apart
+    tied = fit_balanced(x, y, x, y, 3, dataclasses.replace(cfg, synthetic_weights=(0.5, 0.0)), synthetic=(x_syn, y_syn))
+    assert tied.chosen["synthetic_weight"] == 0.0

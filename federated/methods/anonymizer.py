@@ -91,6 +91,7 @@ class Anonymizer(FederatedMethod):
         self._steps_per_epoch: list[int] | None = None       # derived from the released sizes
         self._sample_rates: list[float] | None = None
         self.synthetic_sizes: dict[int, int] = {}
+        self.downstream_models: dict[int, torch.nn.Module] = {}
         self.release_eval: dict = {}
 
     # --- public sizes --------------------------------------------------------------------------
@@ -244,13 +245,13 @@ class Anonymizer(FederatedMethod):
             return self.sample(i, y, make_generator(self.ctx.seed, client.id, SYNTH)), y
 
     def finish_clients(self) -> None:
-        data = []
+        synthetic = []
         with self.ctx.phase("synthesis and downstream classifiers"):
             for i, c in enumerate(self.ctx.clients):
-                x_syn, y_syn = self.synthesize(i)
-                self.synthetic_sizes[c.id] = len(y_syn)
-                data.append((torch.cat([c.x_train, x_syn]), torch.cat([c.y_train, y_syn])))
-            self.downstream_models = self.fit_client_classifiers(data, self.cfg.downstream)
+                synthetic.append(self.synthesize(i))
+                self.synthetic_sizes[c.id] = len(synthetic[-1][1])
+            self.downstream_models = self.fit_client_classifiers([(c.x_train, c.y_train) for c in self.ctx.clients],
+                                                                 self.cfg.downstream, synthetic=synthetic)
         if self.cfg.evaluation.enabled:
             self.release_eval = self.evaluate_release()
 
@@ -324,7 +325,8 @@ class Anonymizer(FederatedMethod):
                             "noise_multiplier": self.noise_multipliers[i], "sample_rate": self.sample_rates[i],
                             "released_size": self.released_sizes[i],
                             "steps": steps, "history": ledger.history, "releases": ledger.releases,
-                            "n_synthetic": self.synthetic_sizes.get(c.id, 0)})
+                            "n_synthetic": self.synthetic_sizes.get(c.id, 0),
+                            "downstream_choice": getattr(self.downstream_models.get(c.id), "chosen", None)})
 
         def worst(key: str) -> float | None:
             spent = [c[key] for c in clients if c[key] is not None]

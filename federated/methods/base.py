@@ -72,13 +72,14 @@ class Method:
         raise NotImplementedError
 
     def fit_client_classifiers(self, datasets: list[tuple[torch.Tensor, torch.Tensor]],
-                               cfg: ClassifierConfig) -> dict[int, torch.nn.Module]:
+                               cfg: ClassifierConfig, *,
+                               synthetic: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[int, torch.nn.Module]:
         """{client id: a linear classifier trained on datasets[i]}, each from the client's own
         DOWNSTREAM stream (the papers' recipe: all clients in one batched loop), its choices made on
         the client's own validation split (the balanced recipe)."""
         clients = self.ctx.clients
         models = fit_downstream(datasets, [(c.x_val, c.y_val) for c in clients], self.ctx.n_classes, cfg,
-                                [make_generator(self.ctx.seed, c.id, DOWNSTREAM) for c in clients])
+                                [make_generator(self.ctx.seed, c.id, DOWNSTREAM) for c in clients], synthetic=synthetic)
         return {c.id: m for c, m in zip(clients, models)}
 
     def state_dict(self) -> dict:
