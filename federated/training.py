@@ -135,11 +135,14 @@ def fit_balanced(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: t
     is_syn = torch.arange(len(y_all), device=y_all.device) >= len(y)
     best: tuple[float, torch.Tensor, torch.Tensor, float, float] | None = None
     for w in sorted(cfg.synthetic_weights) if has_syn else (0.0,):
-        mass = torch.where(is_syn, w, 1.0)
-        class_mass = torch.zeros(n_classes, device=xs.device).index_add_(0, y_all, mass)
+        # w = 0: the synthetic rows (after the real ones) would only add zero terms, so they are left out
+        rows = slice(None) if w > 0 else slice(0, len(y))
+        xs_w, onehot_w, y_w = xs[rows], onehot[rows], y_all[rows]
+        mass = torch.where(is_syn[rows], w, 1.0)
+        class_mass = torch.zeros(n_classes, device=xs.device).index_add_(0, y_w, mass)
         present = class_mass > 0
         # per-record weight s_i / n of the mean objective (sums to 1); the penalty 1 / (C n) on that scale
-        record_weight = mass * torch.where(present, 1.0 / (present.sum() * class_mass.clamp(min=1e-12)), 0.0)[y_all]
+        record_weight = mass * torch.where(present, 1.0 / (present.sum() * class_mass.clamp(min=1e-12)), 0.0)[y_w]
         n = float(mass.sum())
         offset = torch.where(present, 0.0, -1e4).to(xs)
         weight = torch.zeros(n_classes, x.shape[1], device=x.device)
@@ -150,11 +153,11 @@ def fit_balanced(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: t
             penalty = 1.0 / (c * n)
 
             def objective() -> torch.Tensor:
-                logits = torch.addmm(bias + offset, xs, weight.T)
+                logits = torch.addmm(bias + offset, xs_w, weight.T)
                 lse = torch.logsumexp(logits, 1)
-                loss = torch.dot(record_weight, lse - (logits * onehot).sum(1)) + 0.5 * penalty * weight.pow(2).sum()
-                residual = (torch.exp(logits - lse[:, None]) - onehot).mul_(record_weight[:, None])
-                weight.grad = torch.addmm(weight, residual.T, xs, beta=penalty)
+                loss = torch.dot(record_weight, lse - (logits * onehot_w).sum(1)) + 0.5 * penalty * weight.pow(2).sum()
+                residual = (torch.exp(logits - lse[:, None]) - onehot_w).mul_(record_weight[:, None])
+                weight.grad = torch.addmm(weight, residual.T, xs_w, beta=penalty)
                 bias.grad = residual.sum(0)
                 return loss
             if present.sum() > 1:

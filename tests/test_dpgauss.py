@@ -133,6 +133,6 @@ def test_the_balanced_recipe_weighs_synthetic_records_by_validation():
                           synthetic=(x_syn, y_syn))
     assert picked.chosen["synthetic_weight"] == 0.5 and picked.chosen["val_bacc"] > 0.9
     assert (predict_proba(picked, x_syn).argmax(1) == 2).float().mean() > 0.9
-    # ties go to the smaller weight: validation without class 2 cannot tell them apart
+    # validation without class 2 gains nothing from it: the grid's order does not matter, w = 0 is kept
     tied = fit_balanced(x, y, x, y, 3, dataclasses.replace(cfg, synthetic_weights=(0.5, 0.0)), synthetic=(x_syn, y_syn))
     assert tied.chosen["synthetic_weight"] == 0.0
