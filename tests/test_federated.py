@@ -331,7 +331,7 @@ def test_help_reads_right(method, capsys):
         no_dp = re.search(r"--no-dp\s+(.*?)\n  --", text, flags=re.S).group(1)
         assert "default" not in no_dp and "without DP" in no_dp
     if method == "dpcgan":
-        assert "--gen-lr LR generator optimiser (Adam) learning rate (default: 0.0002)" in flat
+        assert "--gen-lr LR Adam learning rate of the DP steps (default: 0.0002)" in flat
     if method == "fedlambda":
         assert "(default: 0,0.1,0.2" in flat and "(default: (" not in flat  # lists print as values
 

@@ -197,7 +197,7 @@ def test_a_client_missing_a_class_gains_from_synthetic_data(tmp_path):
     from federated.methods.base import RunContext
     from federated.methods.dpcvae import DPCVAE, DPCVAEConfig
     from federated.methods.local import DownstreamConfig, Local
-    from federated.methods.anonymizer import GenTrainConfig
+    from federated.methods.dpsgd import DPSGDConfig
     from federated.privacy import PrivacyConfig
     from federated.training import ClassifierConfig
     g = torch.Generator().manual_seed(0)
@@ -214,7 +214,7 @@ def test_a_client_missing_a_class_gains_from_synthetic_data(tmp_path):
     results = {}
     for name, method in (("local", lambda ctx: Local(ctx, DownstreamConfig(downstream))),
                          ("dpcvae", lambda ctx: DPCVAE(ctx, DPCVAEConfig(
-                             gen=GenTrainConfig(lr=3e-3, batch_size=32, local_epochs=5), privacy=PrivacyConfig(enabled=False),
+                             gen=DPSGDConfig(lr=3e-3, batch_size=32, local_epochs=5), privacy=PrivacyConfig(enabled=False),
                              downstream=downstream, hidden=64, latent=4)))):
         ctx = RunContext(clients, 4, 8, seed=0, rounds=10, device=torch.device("cpu"))
         info = RunInfo(method=name, dataset="toy", seed=0, split={})

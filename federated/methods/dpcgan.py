@@ -15,7 +15,8 @@ from torch.nn import functional as F
 
 from data.flags import section, setting
 from federated.clients import make_generator
-from federated.methods.anonymizer import Anonymizer, AnonymizerConfig, GenTrainConfig
+from federated.methods.anonymizer import Anonymizer, AnonymizerConfig
+from federated.methods.dpsgd import DPSGDConfig
 from federated.methods.base import INIT, SERVER, RunContext
 from models import count_parameters
 from models.cgan import Discriminator, Generator
@@ -24,7 +25,7 @@ from models.init import init_linear_layers_
 
 @dataclass(frozen=True)
 class DPCGANConfig(AnonymizerConfig):
-    gen: GenTrainConfig = section(lambda: GenTrainConfig(lr=2e-4), "Generator training")
+    gen: DPSGDConfig = section(lambda: DPSGDConfig(lr=2e-4), "Generator training")
     latent: int = setting(100, "latent dimension of the generator", metavar="N", minimum=1)
 
 
@@ -98,7 +99,7 @@ class DPCGAN(Anonymizer):
         return {"G": [g.state_dict() for g in self.generators], "D": [d.state_dict() for d in self.discriminators],
                 "global": self.global_generator.state_dict(),
                 "g_opts": [o.state_dict() for o in self.g_opts], "d_opts": [o.state_dict() for o in self.d_opts],
-                **self.anonymizer_state()}
+                **self.dp_state()}
 
     def load_state_dict(self, state: dict) -> None:
         for mods, key in ((self.generators, "G"), (self.discriminators, "D"), (self.g_opts, "g_opts"),
@@ -106,7 +107,7 @@ class DPCGAN(Anonymizer):
             for m, s in zip(mods, state[key]):
                 m.load_state_dict(s)
         self.global_generator.load_state_dict(state["global"])
-        self.load_anonymizer_state(state)
+        self.load_dp_state(state)
 
     def shared_parameters(self) -> dict[str, int]:
         shared = count_parameters(self.global_generator)

@@ -70,7 +70,7 @@ class DPCVAE(Anonymizer):
     def state_dict(self) -> dict:
         return {"models": [m.state_dict() for m in self.models], "decoder": self.global_decoder.state_dict(),
                 "optimizers": [o.state_dict() for o in self.optimizers],
-                **self.anonymizer_state()}
+                **self.dp_state()}
 
     def load_state_dict(self, state: dict) -> None:
         for m, s in zip(self.models, state["models"]):
@@ -78,7 +78,7 @@ class DPCVAE(Anonymizer):
         self.global_decoder.load_state_dict(state["decoder"])
         for o, s in zip(self.optimizers, state["optimizers"]):
             o.load_state_dict(s)
-        self.load_anonymizer_state(state)
+        self.load_dp_state(state)
 
     def shared_parameters(self) -> dict[str, int]:
         return {"shared": count_parameters(self.global_decoder), "total": count_parameters(self.models[0]),

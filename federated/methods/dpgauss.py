@@ -134,10 +134,10 @@ class DPGauss(Anonymizer):
         return {"released_floats_per_client": sum(math.prod(s) for s in self.release_spec().values())}
 
     def state_dict(self) -> dict:
-        return {"anonymizer": self.anonymizer_state()}
+        return {"anonymizer": self.dp_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.load_anonymizer_state(state["anonymizer"])
+        self.load_dp_state(state["anonymizer"])
 
     def report(self) -> dict:
         out = super().report()

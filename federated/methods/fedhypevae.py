@@ -272,7 +272,7 @@ class FedHypeVAE(Anonymizer):
     def state_dict(self) -> dict:
         return {"models": [m.state_dict() for m in self.models], "hyper": self.global_hyper.state_dict(),
                 "local_opts": [o.state_dict() for o in self.local_opts],
-                "hyper_opts": [o.state_dict() for o in self.hyper_opts], **self.anonymizer_state()}
+                "hyper_opts": [o.state_dict() for o in self.hyper_opts], **self.dp_state()}
 
     def load_state_dict(self, state: dict) -> None:
         for m, s in zip(self.models, state["models"]):
@@ -280,7 +280,7 @@ class FedHypeVAE(Anonymizer):
         for o, s in zip([*self.local_opts, *self.hyper_opts], [*state["local_opts"], *state["hyper_opts"]]):
             o.load_state_dict(s)
         self.global_hyper.load_state_dict(state["hyper"])
-        self.load_anonymizer_state(state)
+        self.load_dp_state(state)
 
     def shared_parameters(self) -> dict:
         return {"shared": count_parameters(self.global_hyper), "total": count_parameters(self.models[0]),
