@@ -170,12 +170,14 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 def folder_tag(tag: str | None, split: dict, method_cfg: Any) -> str:
     """The run folder's tag: --tag, or the split's (data.partition.run_tag) plus the downstream recipe
-    when it is not the papers' (e.g. dirichlet_a0.3_c10_balanced), so that variants never share a folder."""
+    when it is not the papers' (e.g. dirichlet_a0.3_c10_balanced) and what the method's config names
+    through tag_parts() (e.g. _mix), so that variants never share a folder."""
     if tag:
         return tag
     parts = [run_tag(split["kind"], split["alpha"], split["n_clients"])]
     recipe = getattr(getattr(method_cfg, "downstream", None), "recipe", "paper")
-    return "_".join(parts + ([recipe] if recipe != "paper" else []))
+    variant = method_cfg.tag_parts() if hasattr(method_cfg, "tag_parts") else []  # e.g. DP-FedAvg's mix
+    return "_".join(parts + ([recipe] if recipe != "paper" else []) + variant)
 
 
 def settings_of(args: argparse.Namespace) -> tuple[dict, dict]:

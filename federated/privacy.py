@@ -172,7 +172,9 @@ def clipped_grad_sum(model: nn.Module, per_sample_loss: Callable[[], torch.Tenso
     record's gradient is sum_t g_t a_t^T, whose squared norm is sum_{t,t'} (g_t.g_t')(a_t.a_t')."""
     layers = {name: m for name, m in model.named_modules()
               if isinstance(m, nn.Linear) or type(m).__name__ in ROW_LAYERS}
-    covered = {f"{n}.{p}" for n, m in layers.items() for p, q in m.named_parameters(recurse=False) if q.requires_grad}
+    def qualified(module: str, param: str) -> str:  # a layer that is the model itself has the name ""
+        return f"{module}.{param}" if module else param
+    covered = {qualified(n, p) for n, m in layers.items() for p, q in m.named_parameters(recurse=False) if q.requires_grad}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if trainable - covered:
         raise TypeError(f"clipped_grad_sum handles Linear/RowBias/RowParameter parameters, not {sorted(trainable - covered)}")
@@ -220,12 +222,12 @@ def clipped_grad_sum(model: nn.Module, per_sample_loss: Callable[[], torch.Tenso
     for n, (g, a) in grouped.items():
         scaled = g * factors[:, None, None]
         if a is not None:
-            grads[f"{n}.weight"] = torch.einsum("bto,bti->oi", scaled, a)
+            grads[qualified(n, "weight")] = torch.einsum("bto,bti->oi", scaled, a)
             if layers[n].bias is not None:
-                grads[f"{n}.bias"] = scaled.sum((0, 1))
+                grads[qualified(n, "bias")] = scaled.sum((0, 1))
         else:
             (pname, _), = layers[n].named_parameters(recurse=False)
-            grads[f"{n}.{pname}"] = scaled.sum((0, 1))
+            grads[qualified(n, pname)] = scaled.sum((0, 1))
     for n, p in model.named_parameters():  # layers the loss never used get zero gradient
         if p.requires_grad and n not in grads:
             grads[n] = torch.zeros_like(p)

@@ -48,4 +48,5 @@ METHODS = Registry({
     "dpcgan": "federated.methods.dpcgan:DPCGAN",
     "fedhypevae": "federated.methods.fedhypevae:FedHypeVAE",
     "dpgauss": "federated.methods.dpgauss:DPGauss",
+    "dpfedavg": "federated.methods.dpfedavg:DPFedAvg",
 })
