@@ -61,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"threads: {torch.get_num_threads()} (--threads N to change)", file=sys.stderr)
     db = load_database(args.db)
     dataset = args.dataset_name or db.manifest.get("dataset") or db.path.name
-    tag = folder_tag(args.tag, dataclasses.asdict(split), method_cfg)
+    tag = folder_tag(args.tag, dataclasses.asdict(split), method_cfg, args.preset)
     flags, settings = settings_of(args)
     defaults = setting_defaults(method_name)
     device = torch.device(run_cfg.device)

@@ -70,6 +70,9 @@ def base_parser(*, add_help: bool = True, error_prefix: str | None = None) -> Pa
                    help="reference-code alias: normal = fedavg, fedprox = fedprox")
     g.add_argument("--anonymizer", default=None, choices=sorted(ANONYMIZER_ALIASES),
                    help="reference-code alias: cvae_fedavg = dpcvae, cgan_fedavg = dpcgan")
+    g.add_argument("--preset", default=None, metavar="NAME",
+                   help="a named set of the method's settings, chosen on a tuning split (flags given override it; "
+                        "the run folder's tag names it); python train.py --method NAME --help lists them")
     g = p.add_argument_group("Data and clients")
     g.add_argument("--db", type=Path, default=None, help="embedding database folder (data/create_db.py); required")
     g.add_argument("--dataset-name", default=None, help="name in the results path (default: the database's)")
@@ -110,12 +113,39 @@ def resolve_method(args: argparse.Namespace) -> str:
     return name
 
 
-def method_parser(name: str, *, error_prefix: str | None = None, others: bool = True) -> Parser:
-    """The general flags plus method `name`'s. others: also accept (hidden) the other methods' flags."""
+def presets_of(name: str) -> dict[str, dict[str, Any]]:
+    """Method `name`'s named presets: {preset: {flag dest: value}} (its Config's PRESETS)."""
+    return getattr(METHODS[name].Config, "PRESETS", {})
+
+
+def preset_values(name: str, preset: str | None) -> dict[str, Any]:
+    if preset is None:
+        return {}
+    presets = presets_of(name)
+    if preset not in presets:
+        valid = ", ".join(sorted(presets)) or "none"
+        raise UserError(f"--preset {preset!r} is not a preset of {name}; valid: {valid}")
+    return presets[preset]
+
+
+def method_parser(name: str, *, error_prefix: str | None = None, others: bool = True, preset: str | None = None) -> Parser:
+    """The general flags plus method `name`'s, with `preset`'s values as their defaults. others: also
+    accept (hidden) the other methods' flags."""
     p = base_parser(error_prefix=error_prefix)
     own = method_flags(name)
     title = method_title(name)
-    add_flags(p, own, groups={title: p.add_argument_group(title)})  # the method's own settings first
+    presets, flag_of = presets_of(name), {fl.dest: fl.names[0] for fl in own}
+    for key, values in presets.items():
+        if set(values) - set(flag_of):
+            raise TypeError(f"{name}'s preset {key!r} sets {sorted(set(values) - set(flag_of))}, not settings of {name}")
+
+    def shown(value: Any) -> str:
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    if presets:
+        p.epilog = (f"Presets of {name} (--preset NAME): " + "; ".join(
+            f"{k}: " + " ".join(f"{flag_of[d]} {shown(v)}" for d, v in sorted(vals.items())) for k, vals in sorted(presets.items())))
+    add_flags(p, own, groups={title: p.add_argument_group(title)})
+    p.set_defaults(**preset_values(name, preset))
     if others:
         taken = {fl.dest for fl in own}
         for other in sorted(METHODS):
@@ -135,7 +165,7 @@ def parse_args(argv: list[str] | None = None, *, error_prefix: str | None = None
     if wants_help and not (general.method or general.algorithm or general.anonymizer):
         base_parser(error_prefix=error_prefix).parse_args(["--help"])  # no method named: no method imported
     name = resolve_method(general)
-    args = method_parser(name, error_prefix=error_prefix, others=not wants_help).parse_args(argv)
+    args = method_parser(name, error_prefix=error_prefix, others=not wants_help, preset=general.preset).parse_args(argv)
     own = {fl.dest for fl in method_flags(name)}
     general_dests = set(vars(general))
     ignored = sorted(k for k in vars(args) if k not in own and k not in general_dests)
@@ -168,16 +198,19 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-def folder_tag(tag: str | None, split: dict, method_cfg: Any) -> str:
+def folder_tag(tag: str | None, split: dict, method_cfg: Any, preset: str | None = None) -> str:
     """The run folder's tag: --tag, or the split's (data.partition.run_tag) plus the downstream recipe
     when it is not the papers' (e.g. dirichlet_a0.3_c10_balanced) and what the method's config names
-    through tag_parts() (e.g. _mix), so that variants never share a folder."""
+    through tag_parts() (e.g. _mix) and the --preset, so that variants never share a folder."""
     if tag:
         return tag
     parts = [run_tag(split["kind"], split["alpha"], split["n_clients"])]
     recipe = getattr(getattr(method_cfg, "downstream", None), "recipe", "paper")
-    variant = method_cfg.tag_parts() if hasattr(method_cfg, "tag_parts") else []  # e.g. DP-FedAvg's mix
-    return "_".join(parts + ([recipe] if recipe != "paper" else []) + variant)
+    parts += [recipe] if recipe != "paper" else []
+    for part in [*(method_cfg.tag_parts() if hasattr(method_cfg, "tag_parts") else []), *([preset] if preset else [])]:
+        if part not in parts:  # e.g. DP-FedAvg's mix, and a preset of the same name
+            parts.append(part)
+    return "_".join(parts)
 
 
 def settings_of(args: argparse.Namespace) -> tuple[dict, dict]:

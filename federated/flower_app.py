@@ -142,7 +142,7 @@ def node_folder(context: Context, args: argparse.Namespace, db, method_name: str
     """The node's own results folder for this run, in the server's layout."""
     path = client_db_path(context)
     root = Path(str(context.node_config.get("results-dir", f"{path}_results")))
-    tag = folder_tag(args.tag, client_info(db)["split"], method_cfg)
+    tag = folder_tag(args.tag, client_info(db)["split"], method_cfg, args.preset)
     dataset = args.dataset_name or db.manifest.get("dataset") or "dataset"
     return RunFolder(root / dataset / method_name / tag / f"seed={args.seeds[0]}")
 
@@ -371,7 +371,7 @@ def run_server(grid: Grid, cfg: FlowerConfig) -> Path:
     clients, about = introduce(grid, cfg, seed)
     split = about["split"]
     dataset = args.dataset_name or about["dataset"] or "dataset"
-    tag = folder_tag(args.tag, split, method_cfg)
+    tag = folder_tag(args.tag, split, method_cfg, args.preset)
     folder = RunFolder(Path(args.out) / dataset / name / tag / f"seed={seed}")
     if folder.finished:
         log(INFO, "%s: finished, skipped", folder)

@@ -357,3 +357,31 @@ def test_the_summary_line_carries_accuracy_epsilon_tstr_and_the_audit_with_its_p
     line = train.summary_line("dpcvae", 3407, results)
     assert line == ("dpcvae seed=3407: acc 90.00 ± 1.00  bacc 70.00 ± 2.00 | ε spent 0.9995 of 1 (max over clients, "
                     "PRV; RDP 1.123) | TSTR bacc 12.5 | audit DCR AUC 0.50 (power: canary 1.00)")
+
+
+PRESETS = [(m, p) for m in sorted(METHODS) for p in sorted(getattr(METHODS[m].Config, "PRESETS", {}))]
+
+
+@pytest.mark.parametrize("method,preset", PRESETS)
+def test_a_preset_sets_its_settings_flags_override_it_and_the_folder_names_it(method, preset):
+    from federated.config import folder_tag, method_setup, presets_of
+    values = presets_of(method)[preset]
+    args = train.parse_args(["--db", "x", "--method", method, "--preset", preset])
+    assert all(getattr(args, dest) == v for dest, v in values.items())
+    cfg = method_setup(args)[2]
+    assert cfg != METHODS[method].Config()
+    dest = sorted(values)[0]
+    flag = next(a for a in train.parse_args.__globals__["method_parser"](method)._actions if a.dest == dest).option_strings[0]
+    default = getattr(train.parse_args(["--db", "x", "--method", method]), dest)
+    given = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+    overridden = train.parse_args(["--db", "x", "--method", method, "--preset", preset, flag, given])
+    assert getattr(overridden, dest) == default  # an explicit flag beats the preset
+    tag = folder_tag(None, {"kind": "dirichlet", "alpha": 0.3, "n_clients": 10}, cfg, preset)
+    assert tag.startswith("dirichlet_a0.3_c10_") and tag.endswith(preset) and tag.count(preset) == 1
+
+
+def test_an_unknown_preset_is_one_line_listing_the_valid_ones():
+    with pytest.raises(UserError, match=r"--preset 'nope' is not a preset of dpfedavg; valid: .*mix"):
+        train.parse_args(["--db", "x", "--method", "dpfedavg", "--preset", "nope"])
+    with pytest.raises(UserError, match="not a preset of fedavg; valid: none"):
+        train.parse_args(["--db", "x", "--method", "fedavg", "--preset", "mix"])

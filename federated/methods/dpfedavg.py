@@ -12,6 +12,7 @@ validation balanced accuracy: post-processing on data that never leaves the clie
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch.nn import functional as F
@@ -37,8 +38,10 @@ class DPFedAvgConfig:
     lambda_grid: tuple[float, ...] = setting((0.0,), "weights of the client's local classifier in the final mix "
                                              "lambda * p_local + (1 - lambda) * p_global, chosen per client on its "
                                              "validation BACC (0: the global model alone; e.g. 0,0.25,0.5,0.75,1)",
-                                             flag="--dp-lambda-grid", metavar="L,L,..")
+                                             flag="--dp-lambda-grid", dest="dp_lambda_grid", metavar="L,L,..")
     downstream: ClassifierConfig = section(downstream_default, "Downstream classifier (the local model of the mix)")
+    # the strongest private-model yardstick: the global model mixed with the balanced local classifier
+    PRESETS: ClassVar[dict] = {"mix": {"dp_lambda_grid": (0.0, 0.25, 0.5, 0.75, 1.0), "downstream_recipe": "balanced"}}
 
     def __post_init__(self) -> None:
         if not self.lambda_grid or any(not 0 <= lam <= 1 for lam in self.lambda_grid):
