@@ -70,7 +70,7 @@ def new_method(name: str, db, split: SplitConfig, rounds: int):
 
 
 def epochs_per_round(cfg) -> int:
-    for path in (("gen", "local_epochs"), ("local", "epochs")):
+    for path in (("gen", "local_epochs"), ("sgd", "local_epochs"), ("local", "epochs")):
         obj = cfg
         for key in path:
             obj = getattr(obj, key, None)

@@ -6,6 +6,7 @@ trainer the anonymizers use on real + synthetic data, so `local` is their no-sha
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -18,6 +19,8 @@ from federated.training import ClassifierConfig, downstream_default, fit_downstr
 @dataclass(frozen=True)
 class DownstreamConfig:
     downstream: ClassifierConfig = section(downstream_default, "Downstream classifier")
+    # the strongest no-sharing yardstick: converged, class-balanced, its penalty chosen on validation
+    PRESETS: ClassVar[dict] = {"balanced": {"downstream_recipe": "balanced"}}
 
 
 class Local(Method):
