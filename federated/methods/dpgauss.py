@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -26,6 +27,13 @@ CENTRE, STATS = "centre", "class_stats"  # the two releases (and their ledger en
 
 @dataclass(frozen=True)
 class DPGaussConfig(SynthesizerConfig):
+    # Chosen on the tuning split (--split-seed 7, alpha 0.3, epsilon 1) by the clients' mean validation BACC
+    # over clip radius x DP-PCA size x synthetic weight (experiments/organamnist/tune_dpgauss_balanced.sh;
+    # assets/results_organamnist/tuning/dpgauss_balanced_ranking.json). Radius and size are relative (DP
+    # spreads, capped at the dimension), so the preset carries to other backbones.
+    PRESETS: ClassVar[dict] = {"dp-tuned": {"clip_spread": 0.5, "pca_dims": 64, "downstream_recipe": "balanced",
+                                            "downstream_synthetic_weights": (0.03,)}}
+
     centre_share: float = setting(0.25, "share of the budget (in 1/sigma^2) spent on the DP centre; the rest goes "
                                   "to the class statistics", metavar="W")
     clip_spread: float = setting(1.5, "clip radius of the centred unit embeddings, in units of their DP spread "
