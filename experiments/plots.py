@@ -4,8 +4,9 @@
     python experiments/plots.py clients --results results --dataset organamnist --out results/figures/clients.png
     python experiments/plots.py projection --run results/organamnist/dpcvae/iid_c10/seed=3407 --out proj.png
 
-sweep: balanced accuracy and membership-attack AUC against the target epsilon, one line per
-anonymizer (every run folder of the dataset and split counts; no-DP runs sit at the right end).
+sweep: balanced accuracy, TSTR BACC and membership-attack AUC against the target epsilon, one line per
+DP method and variant (every run folder of the dataset and split counts; a folder tag's eps<x> / nodp
+part names the sweep point, no-DP runs sit at the right end), and the best Local row as the yardstick.
 clients: per-client balanced accuracy (mean over seeds) as grouped bars, one group per method, one
 panel per split. projection: real vs synthetic embeddings of each class in the run's 2-D PCA plane.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -58,54 +60,81 @@ def filtered(groups: dict, dataset: str, split: str | None) -> dict:
     return out
 
 
+EPS_PART = re.compile(r"^(eps[0-9.]+|nodp)$")  # the sweep's own tag part: eps2, nodp
+
+
+def sweep_line(variant: str) -> str:
+    """The sweep line of a run: its variant less the sweep's tag part ('balanced_dp-tuned_eps2' and the
+    epsilon = 1 folder's 'balanced_dp-tuned' draw one line)."""
+    return "_".join(p for p in variant.split("_") if p and not EPS_PART.match(p))
+
+
 def sweep_points(groups: dict) -> dict:
-    """{method: {epsilon or inf (no DP): [results.json, ...]}} over anonymizer runs."""
+    """{(method, line): {epsilon or inf (no DP): [results.json, ...]}} over every DP method's runs."""
     points: dict = defaultdict(lambda: defaultdict(list))
-    for (_, _, method, _), runs in groups.items():
+    for (_, _, method, tag), runs in groups.items():
         for res in runs:
             privacy = res.get("privacy")
             if privacy is None:
                 continue
             eps = privacy["target_epsilon"] if privacy.get("enabled") else math.inf
-            points[method][eps].append(res)
+            points[method, sweep_line(tag)][eps].append(res)
     return points
 
 
+def mean_bacc(runs: list[dict]) -> float:
+    return 100 * float(np.mean([np.mean([c["bacc"] for c in r["clients"]]) for r in runs]))
+
+
 def plot_sweep(groups: dict, out: Path) -> None:
+    """BACC, TSTR BACC and attack AUC against epsilon; the strongest row that shares nothing (the best
+    Local variant) is the dashed yardstick of the BACC panel."""
     points = sweep_points(groups)
     if not points:
-        raise UserError("no anonymizer runs among these results (run experiments/<dataset>/eps_sweep.sh)")
+        raise UserError("no DP runs among these results (run experiments/<dataset>/eps_sweep.sh)")
     finite = sorted({e for p in points.values() for e in p if math.isfinite(e)})
     nodp_x = (finite[-1] * 2) if finite else 1.0
 
     def x_of(e):
         return e if math.isfinite(e) else nodp_x
-    fig, (ax_u, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
-    for j, method in enumerate(sorted(points, key=method_rank)):
-        colour = plt.cm.tab10(j % 10)  # one colour per method in both panels
-        eps = sorted(points[method])
+    fig, (ax_u, ax_t, ax_a) = plt.subplots(1, 3, figsize=(16, 4.4))
+    locals_ = {t: mean_bacc(rs) for (_, _, m, t), rs in groups.items() if m == "local"}
+    if locals_:
+        best = max(locals_, key=locals_.get)
+        ax_u.axhline(locals_[best], color="black", ls="--", lw=1, label=f"{row_name('local', best)} (shares nothing)")
+    for j, (method, line) in enumerate(sorted(points, key=lambda ml: (method_rank(ml[0]), ml[1]))):
+        colour = plt.cm.tab10(j % 10)  # one colour per line in every panel
+        label = row_name(method, line)
+        eps = sorted(points[method, line])
         xs = [x_of(e) for e in eps]
-        bacc = [100 * np.mean([np.mean([c["bacc"] for c in r["clients"]]) for r in points[method][e]]) for e in eps]
-        ax_u.plot(xs, bacc, "o-", color=colour, label=METHOD_NAMES.get(method, method))
+        runs = [points[method, line][e] for e in eps]
+        ax_u.plot(xs, [mean_bacc(rs) for rs in runs], "o-", color=colour, label=label)
+        tstr = [np.mean([100 * r["fidelity"]["tstr"]["bacc"] for r in rs if "tstr" in r.get("fidelity", {})] or [np.nan])
+                for rs in runs]
+        if not np.isnan(tstr).all():  # a private model (DP-FedAvg) releases no data to test
+            ax_t.plot(xs, tstr, "o-", color=colour, label=label)
         for attack, style in zip(ATTACKS, ("o-", "s--")):
-            auc = [np.mean([r["audit"][attack]["auc"] for r in points[method][e] if "audit" in r] or [np.nan]) for e in eps]
+            auc = [np.mean([r["audit"][attack]["auc"] for r in rs if "audit" in r] or [np.nan]) for rs in runs]
             if not np.isnan(auc).all():  # runs made before the audit existed have nothing to draw
-                ax_a.plot(xs, auc, style, color=colour, label=f"{METHOD_NAMES.get(method, method)}, {ATTACKS[attack]}")
+                ax_a.plot(xs, auc, style, color=colour, label=f"{label}, {ATTACKS[attack]}")
     ticks = finite + [nodp_x]
-    for ax in (ax_u, ax_a):
+    for ax in (ax_u, ax_t, ax_a):
         ax.set_xscale("log")
         ax.set_xticks(ticks, [f"{e:g}" for e in finite] + ["no DP"])
         ax.minorticks_off()
         ax.set_xlabel("target ε (δ = 1e-4)")
         ax.grid(alpha=0.3)
     ax_u.set_ylabel("balanced accuracy (%), mean over clients and seeds")
+    ax_t.set_ylabel("TSTR BACC (%): trained on the release, tested on real data")
     ax_a.set_ylabel("membership attack ROC AUC")
     ax_a.axhline(0.5, color="grey", lw=0.8)
     low, high = ax_a.get_ylim()  # at least 0.4-0.6, so that noise around chance does not look like a trend
     ax_a.set_ylim(min(low, 0.4), max(high, 0.6))
-    ax_u.legend(fontsize=8)
-    ax_a.legend(fontsize=7)
-    fig.suptitle("Privacy–utility: downstream BACC and attack AUC against ε")
+    for ax, size in ((ax_u, 7), (ax_t, 7), (ax_a, 6)):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=size)
+    fig.suptitle("Privacy–utility: downstream BACC, TSTR BACC and attack AUC against ε")
+    fig.tight_layout()
     save(fig, out)
 
 
@@ -165,7 +194,7 @@ def plot_projection(run_dir: Path, out: Path) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Figures from results.json files.")
     sub = p.add_subparsers(dest="figure", required=True)
-    for name, text, split in (("sweep", "BACC and attack AUC against epsilon", "dirichlet"),
+    for name, text, split in (("sweep", "BACC, TSTR and attack AUC against epsilon", "dirichlet"),
                               ("clients", "per-client BACC bars", None)):
         s = sub.add_parser(name, help=text)
         s.add_argument("--results", type=Path, default=Path("results"), help="results root to scan")

@@ -25,6 +25,7 @@ from data.flags import Flag, add_flags, config_from, flags_of, setting
 from data.io import HelpFormatter, UserError
 from data.partition import SplitConfig, run_tag
 from federated.methods import METHODS
+from federated.privacy import PrivacyConfig
 
 RANDOMNESS = ("seeded", "secret")
 ALGORITHM_ALIASES = {"normal": "fedavg", "fedprox": "fedprox"}          # the reference's --algorithm
@@ -201,7 +202,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 def folder_tag(tag: str | None, split: dict, method_cfg: Any, preset: str | None = None) -> str:
     """The run folder's tag: --tag, or the split's (data.partition.run_tag) plus the downstream recipe
     when it is not the papers' (e.g. dirichlet_a0.3_c10_balanced) and what the method's config names
-    through tag_parts() (e.g. _mix) and the --preset, so that variants never share a folder."""
+    through tag_parts() (e.g. _mix), the --preset, and an epsilon other than the default (_eps2) or
+    _nodp, so that variants never share a folder."""
     if tag:
         return tag
     parts = [run_tag(split["kind"], split["alpha"], split["n_clients"])]
@@ -210,6 +212,11 @@ def folder_tag(tag: str | None, split: dict, method_cfg: Any, preset: str | None
     for part in [*(method_cfg.tag_parts() if hasattr(method_cfg, "tag_parts") else []), *([preset] if preset else [])]:
         if part not in parts:  # e.g. DP-FedAvg's mix, and a preset of the same name
             parts.append(part)
+    privacy = getattr(method_cfg, "privacy", None)
+    if privacy is not None and not privacy.enabled:
+        parts.append("nodp")
+    elif privacy is not None and privacy.target_epsilon != PrivacyConfig.target_epsilon:  # an epsilon sweep's point
+        parts.append(f"eps{privacy.target_epsilon:g}")
     return "_".join(parts)
 
 

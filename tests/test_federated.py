@@ -385,3 +385,17 @@ def test_an_unknown_preset_is_one_line_listing_the_valid_ones():
         train.parse_args(["--db", "x", "--method", "dpfedavg", "--preset", "nope"])
     with pytest.raises(UserError, match="not a preset of fedavg; valid: none"):
         train.parse_args(["--db", "x", "--method", "fedavg", "--preset", "mix"])
+
+
+def test_an_epsilon_sweep_point_gets_its_own_folder():
+    from federated.config import folder_tag, method_setup
+    split = {"kind": "dirichlet", "alpha": 0.3, "n_clients": 10}
+
+    def tag(*flags):
+        args = train.parse_args(["--db", "x", "--method", "dpgauss", *flags])
+        return folder_tag(args.tag, split, method_setup(args)[2], args.preset)
+    assert tag() == "dirichlet_a0.3_c10"  # the default epsilon keeps Table 1's folder
+    assert tag("--epsilon", "2") == "dirichlet_a0.3_c10_eps2"
+    assert tag("--epsilon", "0.5", "--preset", "dp-tuned") == "dirichlet_a0.3_c10_balanced_dp-tuned_eps0.5"
+    assert tag("--no-dp") == "dirichlet_a0.3_c10_nodp"
+    assert tag("--epsilon", "2", "--tag", "mine") == "mine"

@@ -102,8 +102,16 @@ def test_plots_from_fixture_results(tmp_path):
         res["privacy"] = {"enabled": eps is not None, "target_epsilon": eps, "epsilon_spent_max": eps}
         res_path.write_text(json.dumps(res))
     write_result(tmp_path, "fedavg", 1, "iid", [0.6, 0.8])
-    assert set(plots.sweep_points(plots.filtered(tables.collect(tmp_path), "organamnist", "dirichlet"))["dpcvae"]) \
-        == {1.0, 4.0, float("inf")}
+    for kind_tag, bacc in ((None, 0.5), ("dirichlet_a0.3_c2_balanced", 0.9)):  # the yardstick: the better Local
+        write_result(tmp_path, "local", 1, "dirichlet", [bacc, bacc], tag=kind_tag)
+    # a preset's sweep: its epsilon = 1 folder and its tagged eps<x> folders draw one line
+    for eps, tag in ((1.0, "dirichlet_a0.3_c2_balanced_dp-tuned"), (2.0, "balanced_dp-tuned_eps2")):
+        write_result(tmp_path, "dpgauss", 1, "dirichlet", [0.8, 0.9], tag=tag,
+                     extra={"privacy": {"enabled": True, "target_epsilon": eps}, "fidelity": {"tstr": {"bacc": 0.4}}})
+    points = plots.sweep_points(plots.filtered(tables.collect(tmp_path), "organamnist", "dirichlet"))
+    assert set(points) == {("dpcvae", ""), ("dpgauss", "balanced_dp-tuned")}
+    assert set(points["dpcvae", ""]) == {1.0, 4.0, float("inf")} and set(points["dpgauss", "balanced_dp-tuned"]) == {1.0, 2.0}
+    assert plots.sweep_line("eps0.5_balanced") == "balanced" and plots.sweep_line("nodp") == ""
     for argv in (["sweep", "--results", str(tmp_path), "--dataset", "organamnist", "--out", str(tmp_path / "s.png")],
                  ["clients", "--results", str(tmp_path), "--dataset", "organamnist", "--out", str(tmp_path / "c.png")],
                  ["projection", "--run", str(res_path.parent), "--out", str(tmp_path / "p.png")]):
