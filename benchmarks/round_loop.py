@@ -13,7 +13,9 @@ Gaussian class clusters (timing does not depend on the content), 10 clients, Dir
 
 Each method runs in its own process (so peak RSS is its own), with a fresh results folder. Printed
 per method: wall-clock seconds, peak RSS, records processed per second, the FLOP lower bound and the
-ratio wall / bound. The bound is the method's matrix-multiply FLOPs (torch's FlopCounterMode over one
+ratio wall / bound; then the parts, each against its own bound: the noise calibration (accountant work, no
+FLOP bound: its target is seconds), the rounds (per-round wall / per-round bound) and the final phase.
+The bound is the method's matrix-multiply FLOPs (torch's FlopCounterMode over one
 round and over the final phase -- downstream training, synthesis, fidelity and audit --, so
 rounds x round FLOPs + final FLOPs) divided by the FLOP/s this machine reaches on a large float32
 matmul, measured in the same process with the same threads. Element-wise work is not counted, so the
@@ -87,10 +89,21 @@ def measure(name: str, db_path: Path, n_clients: int, rounds: int, threads: int)
     split = SplitConfig(kind="dirichlet", n_clients=n_clients, alpha=0.3)
     method = new_method(name, db, split, rounds)
     n_train = sum(c.n_train for c in method.ctx.clients)
+    marks: dict[str, float] = {}
+    finish = method.finish
+
+    def timed_finish() -> None:  # the final phase starts here (downstream, synthesis, fidelity, audit, report)
+        marks["final"] = time.perf_counter()
+        finish()
+    method.finish = timed_finish
     with tempfile.TemporaryDirectory() as tmp:
         tic = time.perf_counter()
+        if hasattr(method, "noise_multipliers"):  # calibrated on first use and kept: time it on its own
+            method.noise_multipliers
+        calibration = time.perf_counter() - tic
         results = run(method, RunInfo(name, "bench", SEED, {}), RunFolder(Path(tmp)), progress=False)
         wall = time.perf_counter() - tic
+    final, rounds_s = wall - (marks["final"] - tic), marks["final"] - tic - calibration
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     counted = new_method(name, db, split, rounds)
     round_flops = 0
@@ -100,12 +113,18 @@ def measure(name: str, db_path: Path, n_clients: int, rounds: int, threads: int)
         round_flops = fc.get_total_flops()
     with FlopCounterMode(display=False) as fc:
         counted.finish()
-    flops = (rounds if counted.federated else 0) * round_flops + fc.get_total_flops()
-    records = (rounds * epochs_per_round(method.cfg) if method.federated else 0) * n_train
+    final_flops = fc.get_total_flops()
+    n_rounds = rounds if counted.federated else 0
+    flops = n_rounds * round_flops + final_flops
+    records = n_rounds * epochs_per_round(method.cfg) * n_train
     return {"method": name, "wall_s": wall, "peak_rss_gb": rss_gb, "records_per_s": records / wall if records else None,
             "flops": flops, "round_flops": round_flops, "matmul_flops_per_s": peak, "bound_s": flops / peak,
             "ratio": wall / (flops / peak), "n_train": n_train, "n_clients": n_clients, "rounds": rounds,
-            "dim": db.dim, "threads": threads, "bacc_mean": results["summary"]["bacc_mean"]}
+            "dim": db.dim, "threads": threads, "bacc_mean": results["summary"]["bacc_mean"],
+            # the parts: calibration (accountant work, no FLOP bound), the rounds and the final phase
+            "calibration_s": calibration, "rounds_s": rounds_s, "final_s": final,
+            "round_ratio": rounds_s / n_rounds / (round_flops / peak) if n_rounds and round_flops else None,
+            "final_bound_s": final_flops / peak, "final_ratio": final / (final_flops / peak) if final_flops else None}
 
 
 def run_child(name: str, db_path: Path, n_clients: int, rounds: int, threads: int) -> dict:
@@ -128,6 +147,16 @@ def print_table(rows: list[dict], title: str) -> None:
         rps = f"{r['records_per_s']:,.0f}" if r["records_per_s"] else "–"
         print(f"| {r['method']} | {r['n_clients']} | {r['n_train']:,} | {r['rounds']} | {r['wall_s']:.1f} | {per_round} | "
               f"{r['peak_rss_gb']:.2f} | {rps} | {r['flops'] / 1e9:,.1f} | {r['bound_s']:.1f} | {r['ratio']:.1f} |")
+    parts = [r for r in rows if "final_s" in r]  # rows of --json files written before the parts existed lack them
+    if parts:
+        print("\n| method | calibration (s) | rounds (s) | s/round | round wall / bound | final phase (s) | final bound (s) "
+              "| final wall / bound |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in parts:
+            ratio = (lambda v: f"{v:.1f}" if v is not None else "–")
+            per_round = f"{r['rounds_s'] / r['rounds']:.2f}" if r["round_flops"] else "–"
+            print(f"| {r['method']} | {r['calibration_s']:.2f} | {r['rounds_s']:.1f} | {per_round} | {ratio(r['round_ratio'])} "
+                  f"| {r['final_s']:.1f} | {r['final_bound_s']:.2f} | {ratio(r['final_ratio'])} |")
     if rows:
         print(f"(float32 matmul peak in the same processes: {rows[0]['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
               f"with {rows[0]['threads']} thread(s); dim {rows[0]['dim']})")

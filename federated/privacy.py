@@ -14,8 +14,9 @@ every round, and every release) meets the target; the report is the epsilon actu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -78,42 +79,64 @@ def epsilon_of(history: History, delta: float, accountant: str, *, fast: bool = 
         return float(acc.get_epsilon(delta=delta))
 
 
-def calibrate_noise(plan: Callable[[float], History], cfg: PrivacyConfig, tolerance: float = 0.01) -> float:
+def calibrate_noise(plan: Callable[[float], History], cfg: PrivacyConfig, tolerance: float = 0.01, *,
+                    guess: float | None = None) -> float:
     """A noise multiplier sigma with target - tolerance < epsilon(plan(sigma)) <= target.
 
-    epsilon is close to proportional to 1/sigma, so after bracketing with the fast RDP accountant
-    (a bisection, as opacus.accountants.utils.get_noise_multiplier) the chosen accountant is
-    refined by proportional steps kept inside the bracket; only a feasible sigma is ever returned."""
+    Without a guess, the fast RDP accountant brackets sigma (a bisection, as
+    opacus.accountants.utils.get_noise_multiplier). The chosen accountant then refines by secant steps
+    on log epsilon against log sigma (epsilon is close to a power of sigma), aimed at the middle of the
+    tolerance band and kept inside the feasible/infeasible bracket. A good guess (a similar plan's sigma,
+    scaled) usually lands in the band at the first evaluation. Only a feasible sigma is ever returned."""
     target = cfg.target_epsilon
+    aim = target - tolerance / 2
 
     def eps(sigma: float, fast: bool = False) -> float:
         return epsilon_of(plan(sigma), cfg.delta, cfg.accountant, fast=fast)
-    low, high = 0.0, 1.0
-    while eps(high, fast=True) > target:
-        low, high = high, 2 * high
-        if high > MAX_SIGMA:
+    if guess is None or not math.isfinite(guess) or guess <= 0:
+        low, high = 0.0, 1.0
+        while eps(high, fast=True) > target:
+            low, high = high, 2 * high
+            if high > MAX_SIGMA:
+                raise UserError(f"--epsilon {target}: unreachable even with noise multiplier {MAX_SIGMA} "
+                                "(the fixed releases alone may exceed it); raise --epsilon")
+        while high - low > 0.05 * high:
+            mid = (low + high) / 2
+            low, high = (low, mid) if eps(mid, fast=True) <= target else (mid, high)
+        guess = high  # integer-order RDP bounds the chosen accountant, so this is (almost always) feasible
+    # the fast accountant's log-slope is the chosen one's to ~1 %: the first secant step needs no second point
+    e_hi, e_lo = eps(guess, fast=True), eps(0.9 * guess, fast=True)
+    rdp_slope = math.log(e_lo / e_hi) / math.log(0.9) if e_hi > 0 and e_lo > 0 else -1.0
+    feasible: tuple[float, float] | None = None   # (sigma, epsilon) of the smallest feasible sigma seen
+    infeasible: tuple[float, float] | None = None  # ... and of the largest infeasible one
+    last: tuple[float, float] | None = None
+    sigma = guess
+    for _ in range(40):
+        e = eps(sigma)
+        if e <= target and (feasible is None or sigma < feasible[0]):
+            feasible = (sigma, e)
+        elif e > target and (infeasible is None or sigma > infeasible[0]):
+            infeasible = (sigma, e)
+        if feasible is not None and target - feasible[1] <= tolerance:
+            return feasible[0]
+        slope = rdp_slope if rdp_slope < -0.05 else -1.0  # until two points of the chosen accountant measure it
+        if last is not None and last[0] != sigma and e > 0 and last[1] > 0:
+            measured = math.log(e / last[1]) / math.log(sigma / last[0])
+            slope = measured if measured < -0.05 else slope
+        last = (sigma, e)
+        if e <= 0:  # sigma large enough that nothing is spent: come down fast
+            step = sigma / 2
+        else:
+            step = sigma * (aim / e) ** (1 / slope)
+        if feasible is not None and infeasible is not None and not infeasible[0] < step < feasible[0]:
+            step = math.sqrt(infeasible[0] * feasible[0])
+        if step > MAX_SIGMA:
             raise UserError(f"--epsilon {target}: unreachable even with noise multiplier {MAX_SIGMA} "
                             "(the fixed releases alone may exceed it); raise --epsilon")
-    while high - low > 0.05 * high:
-        mid = (low + high) / 2
-        low, high = (low, mid) if eps(mid, fast=True) <= target else (mid, high)
-    # refine with the chosen accountant; integer-order RDP bounds both, so `high` is feasible
-    feasible, eps_feasible, infeasible = high, eps(high), 0.0
-    while eps_feasible > target:  # never expected, but only a feasible sigma may leave here
-        infeasible, feasible = feasible, 2 * feasible
-        eps_feasible = eps(feasible)
-    for _ in range(20):
-        if target - eps_feasible <= tolerance:
-            break
-        guess = feasible * eps_feasible / (target - tolerance / 2)
-        if not infeasible < guess < feasible:
-            guess = (infeasible + feasible) / 2
-        e = eps(guess)
-        if e <= target:
-            feasible, eps_feasible = guess, e
-        else:
-            infeasible = guess
-    return feasible
+        sigma = step
+    if feasible is None:
+        raise RuntimeError(f"noise calibration found no sigma with epsilon <= {target}")
+    return feasible[0]
 
 
 class ClientAccountant:

@@ -41,3 +41,14 @@ def test_from_json_reprints_rows_and_refuses_a_missing_file(tmp_path, capsys, mo
     assert "| gen | 10 | 100 | 2 |" in out and "gen: 4.00 TFLOP per run" in out
     with pytest.raises(UserError, match="--from-json: .*missing.json does not exist"):
         round_loop.main(round_loop.get_args_parser().parse_args(["--from-json", str(tmp_path / "missing.json")]))
+
+
+@pytest.mark.slow
+def test_a_measured_run_splits_into_calibration_rounds_and_final_phase(tiny_db):
+    """The parts add up to the whole run, each with its own bound (a 1-round DP-CVAE on a tiny database)."""
+    r = round_loop.measure("dpcvae", tiny_db, n_clients=3, rounds=1, threads=1)
+    assert r["calibration_s"] > 0 and r["rounds_s"] > 0 and r["final_s"] > 0
+    assert r["calibration_s"] + r["rounds_s"] + r["final_s"] == pytest.approx(r["wall_s"])
+    assert r["round_ratio"] > 0 and r["final_ratio"] > 0 and r["final_bound_s"] * r["matmul_flops_per_s"] > 0
+    nothing = round_loop.measure("local", tiny_db, n_clients=3, rounds=1, threads=1)  # no rounds, no calibration
+    assert nothing["calibration_s"] < 0.01 and nothing["round_ratio"] is None and nothing["final_ratio"] > 0
