@@ -25,7 +25,6 @@ from data.flags import Flag, add_flags, config_from, flags_of, setting
 from data.io import HelpFormatter, UserError
 from data.partition import SplitConfig, run_tag
 from federated.methods import METHODS
-from federated.privacy import PrivacyConfig
 
 RANDOMNESS = ("seeded", "secret")
 ALGORITHM_ALIASES = {"normal": "fedavg", "fedprox": "fedprox"}          # the reference's --algorithm
@@ -215,7 +214,7 @@ def folder_tag(tag: str | None, split: dict, method_cfg: Any, preset: str | None
     privacy = getattr(method_cfg, "privacy", None)
     if privacy is not None and not privacy.enabled:
         parts.append("nodp")
-    elif privacy is not None and privacy.target_epsilon != PrivacyConfig.target_epsilon:  # an epsilon sweep's point
+    elif privacy is not None and privacy.target_epsilon != type(privacy).target_epsilon:  # an epsilon sweep's point
         parts.append(f"eps{privacy.target_epsilon:g}")
     return "_".join(parts)
 

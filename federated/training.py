@@ -181,58 +181,120 @@ def fit_classifiers(datasets: list[tuple[torch.Tensor, torch.Tensor]], n_classes
     return models
 
 
+class StackedOptimizer:
+    """torch's SGD (momentum, weight decay) or Adam update, element-wise as torch.optim writes it, on stacked
+    per-model tensors {name: (K, ...)}: step(grads, active) moves only the models `active` (an index
+    tensor, or None for all), each with its own state and step count, as its own optimiser would."""
+
+    def __init__(self, params: dict[str, torch.Tensor], cfg: OptimConfig) -> None:
+        if cfg.optimizer not in OPTIMIZERS:
+            raise UserError(f"optimizer {cfg.optimizer!r} is unknown; valid: {', '.join(OPTIMIZERS)}")
+        self.params, self.cfg = params, cfg
+        self.first = {n: torch.zeros_like(p) for n, p in params.items()}   # SGD momentum buffer / Adam exp_avg
+        self.second = {n: torch.zeros_like(p) for n, p in params.items()}  # Adam exp_avg_sq
+        self.steps = torch.zeros(next(iter(params.values())).shape[0], dtype=torch.float64)
+
+    def step(self, grads: dict[str, torch.Tensor], active: torch.Tensor | None) -> None:
+        cfg, rows = self.cfg, slice(None) if active is None else active
+        self.steps[rows] += 1
+        if cfg.optimizer == "adam":
+            b1, b2 = 0.9, 0.999  # torch.optim.Adam's defaults
+            steps = self.steps[rows]
+            step_size = (cfg.lr / (1 - b1 ** steps)).float()
+            bc2_sqrt = ((1 - b2 ** steps) ** 0.5).float()
+        for name, p in self.params.items():
+            g, param = grads[name], p[rows]
+            if cfg.weight_decay:
+                g = g.add(param, alpha=cfg.weight_decay)
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            # with every model active the rows are views, updated in place; else copies, written back
+            if cfg.optimizer == "sgd":
+                if cfg.momentum:
+                    buf = self.first[name][rows].mul_(cfg.momentum).add_(g)  # torch's first step: buf = g, the same
+                    if active is not None:
+                        self.first[name][rows] = buf
+                    g = buf
+                param = param.add_(g, alpha=-cfg.lr)
+            else:
+                m = self.first[name][rows].lerp_(g, 1 - b1)
+                v = self.second[name][rows].mul_(b2).addcmul_(g, g, value=1 - b2)
+                if active is not None:
+                    self.first[name][rows], self.second[name][rows] = m, v
+                denom = (v.sqrt() / bc2_sqrt.view(shape)).add_(1e-8)
+                param = param.sub_(step_size.view(shape) * m / denom)
+            if active is not None:
+                p[rows] = param
+
+
+def epoch_batches(sizes: list[int], batch: int, gens: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch of every model's shuffled batches (each generator draws as shuffled_batches would), as
+    (K, T, batch) row indices into the concatenated data and their (K, T, batch) weights 1/|batch|
+    (0 on padding and past a model's last batch)."""
+    counts = [-(-n // batch) for n in sizes]
+    idx = torch.zeros(len(sizes), max(counts, default=0), batch, dtype=torch.long)
+    weight = torch.zeros(idx.shape)
+    offset = 0
+    for k, (n, g) in enumerate(zip(sizes, gens)):
+        if n:
+            flat = torch.cat([torch.randperm(n, generator=g) + offset, torch.zeros(counts[k] * batch - n, dtype=torch.long)])
+            idx[k, :counts[k]] = flat.view(counts[k], batch)
+            lengths = torch.full((counts[k],), batch)
+            lengths[-1] = n - (counts[k] - 1) * batch
+            weight[k, :counts[k]] = (torch.arange(batch)[None] < lengths[:, None]) / lengths[:, None]
+        offset += n
+    return idx, weight
+
+
 StackedPenalty = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
 def train_classifiers(models: list[nn.Linear], datasets: list[tuple[torch.Tensor, torch.Tensor]], cfg: OptimConfig,
                       gens: list[torch.Generator], *, penalty: StackedPenalty | None = None) -> list[float]:
-    """Trains each linear model on its own (x, y) exactly as train_epochs would train it alone (its
-    generator shuffles every epoch; it steps only when it has a batch; a fresh optimiser), but with
-    one batched forward/backward for all models per iteration: small models are dominated by
-    per-step overhead, so K clients cost about one. The cross-entropy gradient is closed-form;
+    """Trains each linear model on its own (x, y) as train_epochs would train it alone (its generator
+    shuffles every epoch; it steps only when it has a batch; a fresh optimiser), but stacked: one
+    batched forward/backward and one optimiser update for all models per iteration. Small models are
+    dominated by per-step overhead, so K clients cost about one. The cross-entropy gradient is closed-form;
     penalty({"weight": (A, C, D), "bias": (A, C)}) -> (A,) adds a term per model, differentiated by
     autograd (e.g. FedProx's proximal term). Returns each model's mean step loss (with its penalty)."""
-    optimizer = make_optimizer([p for m in models for p in m.parameters()], cfg, foreach=False)
+    device = models[0].weight.device
+    params = {"weight": torch.stack([m.weight.detach() for m in models]).clone(),
+              "bias": torch.stack([m.bias.detach() for m in models]).clone()}
+    optimizer = StackedOptimizer(params, cfg)
     x_all = torch.cat([x for x, _ in datasets])
     y_all = torch.cat([y for _, y in datasets])
     sizes = [len(y) for _, y in datasets]
-    offsets = torch.tensor([0, *sizes[:-1]]).cumsum(0).tolist()
-    totals, steps = torch.zeros(len(models), dtype=torch.float64), torch.zeros(len(models))
-    for m in models:
-        m.train()
+    batch = cfg.batch_size or max(sizes, default=1)
+    counts = torch.tensor([-(-n // batch) for n in sizes])
+    totals, steps = torch.zeros(len(models), dtype=torch.float64, device=device), torch.zeros(len(models), device=device)
     for _ in range(cfg.epochs):
-        epoch = [[b + off for b in shuffled_batches(n, cfg.batch_size or n, g)] if n else []
-                 for n, off, g in zip(sizes, offsets, gens)]
-        for t in range(max(map(len, epoch), default=0)):
-            active = [k for k, batches in enumerate(epoch) if t < len(batches)]
-            rows = [epoch[k][t] for k in active]
-            width = max(map(len, rows))
-            idx = torch.stack([F.pad(r, (0, width - len(r))) for r in rows]).to(x_all.device)
-            valid = (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).to(x_all)
-            valid = valid / valid.sum(1, keepdim=True)  # each model's own batch mean
-            params = {"weight": torch.stack([models[k].weight.detach() for k in active]),
-                      "bias": torch.stack([models[k].bias.detach() for k in active])}
+        idx, weight = (t.to(device) for t in epoch_batches(sizes, batch, gens))
+        for t in range(idx.shape[1]):
+            on = counts > t
+            active = None if bool(on.all()) else torch.nonzero(on).squeeze(1).to(device)
+            rows = slice(None) if active is None else active
+            w = weight[rows, t]
+            x, y = x_all[idx[rows, t]], y_all[idx[rows, t]]
+            p = {n: v[rows] for n, v in params.items()}
             with torch.no_grad():
-                x, y = x_all[idx], y_all[idx]
-                logp = torch.log_softmax(torch.baddbmm(params["bias"][:, None], x, params["weight"].transpose(1, 2)), -1)
-                picked = (torch.arange(len(active))[:, None], torch.arange(width)[None], y)
-                loss = -(logp[picked] * valid).sum(1)
+                logp = torch.log_softmax(torch.baddbmm(p["bias"][:, None], x, p["weight"].transpose(1, 2)), -1)
+                picked = logp.gather(2, y[..., None]).squeeze(2)
+                loss = -(picked * w).sum(1)
                 g = logp.exp()
-                g[picked] -= 1
-                g *= valid[..., None]
+                g.scatter_add_(2, y[..., None], -torch.ones_like(picked)[..., None])
+                g *= w[..., None]
                 grads = {"weight": torch.bmm(g.transpose(1, 2), x), "bias": g.sum(1)}
             if penalty is not None:
-                leaves = {n: t.requires_grad_() for n, t in params.items()}
+                leaves = {n: v.detach().requires_grad_() for n, v in p.items()}
                 value = penalty(leaves)
                 extra = torch.autograd.grad(value.sum(), list(leaves.values()))
                 grads = {n: grads[n] + e for n, e in zip(leaves, extra)}
                 loss = loss + value.detach()
-            optimizer.zero_grad(set_to_none=True)
-            for j, k in enumerate(active):
-                models[k].weight.grad, models[k].bias.grad = grads["weight"][j], grads["bias"][j]
-            optimizer.step()
-            totals[active] += loss.double().cpu()
-            steps[active] += 1
+            optimizer.step(grads, active)
+            totals[rows] += loss.double()
+            steps[rows] += 1
+    with torch.no_grad():
+        for k, m in enumerate(models):
+            m.weight.copy_(params["weight"][k]), m.bias.copy_(params["bias"][k])
     return (totals / steps.clamp(min=1)).tolist()
 
 
