@@ -1,14 +1,13 @@
 """How faithful synthetic embeddings are to real held-out ones: precision / recall / density / coverage
-(the `prdc` package, Naeem et al. 2020), unbiased Gaussian-kernel MMD^2 and the Frechet distance,
+(Naeem et al. 2020, as the `prdc` package defines them), unbiased Gaussian-kernel MMD^2 and the Frechet distance,
 overall and per class, plus a 2-D projection for plots.
 
 Pairwise-distance metrics are quadratic in the sample size, so each side is subsampled (seeded) to
-at most `max_samples` overall and `max_per_class` per class; the sizes used are reported.
+at most `max_samples` overall and `max_per_class` per class; the sizes used are reported. Per pair, one
+float64 distance matrix of the pooled samples serves the bandwidth, MMD and PRDC.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,11 +41,17 @@ def subsample(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randperm(n, generator=gen)[:k].sort().values
 
 
-def median_bandwidth(x: torch.Tensor, y: torch.Tensor) -> float:
-    """The median heuristic: the median pairwise distance of the pooled samples."""
+def pooled_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances (float64) within and between two samples: every pairwise metric of a pair reads
+    its blocks, so the quadratic pass is made once."""
     pooled = torch.cat([x, y]).double()
-    d = torch.cdist(pooled, pooled)
-    return float(d[torch.triu_indices(len(pooled), len(pooled), 1).unbind()].median())
+    return torch.cdist(pooled, pooled).fill_diagonal_(0.0)
+
+
+def median_bandwidth(d: torch.Tensor) -> float:
+    """The median heuristic: the (lower) median pairwise distance of the pooled samples, as torch.median."""
+    upper = d[torch.ones(d.shape, dtype=torch.bool).triu_(1)]
+    return float(upper.kthvalue((len(upper) + 1) // 2).values)
 
 
 def gaussian_gram(a: torch.Tensor, b: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -54,15 +59,18 @@ def gaussian_gram(a: torch.Tensor, b: torch.Tensor, bandwidth: float) -> torch.T
     return torch.exp(-torch.cdist(a, b).pow(2) / (2 * bandwidth ** 2))
 
 
-def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
-    """Unbiased MMD^2 under kernel(a, b) -> Gram matrix (Gretton et al. 2012, Eq. 3), in float64."""
-    x, y = x.double(), y.double()
-    n, m = len(x), len(y)
+def mmd2_of_gram(kxx: torch.Tensor, kyy: torch.Tensor, kxy: torch.Tensor) -> float:
+    """Unbiased MMD^2 from the Gram blocks (Gretton et al. 2012, Eq. 3)."""
+    n, m = len(kxx), len(kyy)
     if n < 2 or m < 2:
         return float("nan")
-    kxx, kyy = kernel(x, x), kernel(y, y)
-    return float((kxx.sum() - kxx.trace()) / (n * (n - 1)) + (kyy.sum() - kyy.trace()) / (m * (m - 1))
-                 - 2 * kernel(x, y).mean())
+    return float((kxx.sum() - kxx.trace()) / (n * (n - 1)) + (kyy.sum() - kyy.trace()) / (m * (m - 1)) - 2 * kxy.mean())
+
+
+def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
+    """Unbiased MMD^2 under kernel(a, b) -> Gram matrix, in float64."""
+    x, y = x.double(), y.double()
+    return mmd2_of_gram(kernel(x, x), kernel(y, y), kernel(x, y))
 
 
 def psd_sqrt(s: np.ndarray) -> np.ndarray:
@@ -84,19 +92,29 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * cross)
 
 
-def prdc_metrics(real: torch.Tensor, fake: torch.Tensor, nearest_k: int) -> dict[str, float]:
-    from prdc import compute_prdc  # here, not at the top: sklearn costs seconds per (Flower) process
-    if min(len(real), len(fake)) < nearest_k + 2:  # prdc needs k + 1 neighbours besides the point itself
+def prdc_metrics(real: torch.Tensor, fake: torch.Tensor, nearest_k: int, d: torch.Tensor | None = None) -> dict[str, float]:
+    """Precision, recall, density and coverage (Naeem et al. 2020) as the `prdc` package defines them (its
+    compute_prdc is the reference of the tests), from the pooled distance matrix d (computed if not given)."""
+    n = len(real)
+    if min(n, len(fake)) < nearest_k + 2:  # k-th neighbour radii need k + 1 records besides the point itself
         return {k: float("nan") for k in ("precision", "recall", "density", "coverage")}
-    with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the sample sizes
-        out = compute_prdc(real.float().numpy(), fake.float().numpy(), nearest_k)
-    return {k: float(v) for k, v in out.items()}
+    d = pooled_distances(real, fake) if d is None else d
+    real_radii = d[:n, :n].kthvalue(nearest_k + 1, dim=1).values  # the point itself is the first
+    fake_radii = d[n:, n:].kthvalue(nearest_k + 1, dim=1).values
+    cross = d[:n, n:]
+    inside_real = cross < real_radii[:, None]
+    return {"precision": float(inside_real.any(0).double().mean()),
+            "recall": float((cross < fake_radii[None]).any(1).double().mean()),
+            "density": float(inside_real.sum(0).double().mean() / nearest_k),
+            "coverage": float((cross.min(1).values < real_radii).double().mean())}
 
 
 def compare(real: torch.Tensor, fake: torch.Tensor, nearest_k: int) -> dict[str, float]:
-    """Every fidelity metric between two samples (CPU tensors)."""
-    h = median_bandwidth(real, fake)
-    return {**prdc_metrics(real, fake, nearest_k), "mmd2": mmd2_unbiased(real, fake, lambda a, b: gaussian_gram(a, b, h)),
+    """Every fidelity metric between two samples (CPU tensors), the pairwise ones from one distance matrix."""
+    d, n = pooled_distances(real, fake), len(real)
+    h = median_bandwidth(d)
+    gram = d.pow(2).div_(-2 * h ** 2).exp_()
+    return {**prdc_metrics(real, fake, nearest_k, d), "mmd2": mmd2_of_gram(gram[:n, :n], gram[n:, n:], gram[:n, n:]),
             "mmd_bandwidth": h,
             "frechet": frechet_distance(real, fake), "n_real": len(real), "n_synthetic": len(fake)}
 

@@ -14,6 +14,7 @@ every round, and every release) meets the target; the report is the epsilon actu
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -67,7 +68,13 @@ def create_accountant(mechanism: str):
 
 
 def epsilon_of(history: History, delta: float, accountant: str, *, fast: bool = False) -> float:
-    """Epsilon of a history, from a fresh Opacus accountant (fast: RDP at integer orders)."""
+    """Epsilon of a history, from a fresh Opacus accountant (fast: RDP at integer orders). Memoised: the
+    clients of a run share plans and releases, and the report asks each ledger under two accountants."""
+    return _epsilon(tuple(tuple(h) for h in history), delta, accountant, fast)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(history: tuple, delta: float, accountant: str, fast: bool) -> float:
     acc = create_accountant(mechanism="rdp" if fast else accountant)
     acc.history = [h for h in history if h[2] > 0]
     if not acc.history:

@@ -120,3 +120,31 @@ def test_frechet_distance_equals_the_matrix_square_root_formula():
     reference = (np.sum((x.numpy().mean(0) - y.numpy().mean(0)) ** 2) + np.trace(s_x) + np.trace(s_y)
                  - 2 * np.trace(linalg.sqrtm(s_x @ s_y).real))
     assert frechet_distance(x, y) == pytest.approx(reference, rel=1e-8)
+
+
+def test_kde_log_density_is_sklearns_scott_kde_summed_exactly():
+    """The density-ratio attack's KDE: sklearn's KernelDensity(bandwidth='scott') (a tree search, close to the
+    sum inside the data cloud) and the definition, log mean_j N(x; s_j, h^2 I) with h = n^(-1/(d+4))."""
+    from scipy.stats import multivariate_normal
+    from sklearn.neighbors import KernelDensity
+    from federated.audit import gaussian_kde_log_density
+    gen = torch.Generator().manual_seed(0)
+    data, x = torch.randn(300, 3, generator=gen, dtype=torch.float64), 0.5 * torch.randn(20, 3, generator=gen, dtype=torch.float64)
+    ours = gaussian_kde_log_density(x, data, chunk=7).numpy()
+    h = 300 ** (-1 / 7)
+    direct = np.log([np.mean([multivariate_normal.pdf(p, mean=s, cov=h * h) for s in data.numpy()]) for p in x.numpy()])
+    np.testing.assert_allclose(ours, direct, rtol=1e-10)
+    np.testing.assert_allclose(ours, KernelDensity(bandwidth="scott").fit(data.numpy()).score_samples(x.numpy()), atol=1e-4)
+
+
+@pytest.mark.parametrize("n_real, n_fake, shift", [(120, 90, 0.0), (80, 150, 0.7)])
+def test_prdc_equals_the_prdc_package(n_real, n_fake, shift):
+    """Ours reads one pooled distance matrix; the package computes its own three (sklearn, float32)."""
+    import contextlib
+    import io
+    from prdc import compute_prdc
+    gen = torch.Generator().manual_seed(n_real)
+    real, fake = torch.randn(n_real, 6, generator=gen), torch.randn(n_fake, 6, generator=gen) * 1.3 + shift
+    with contextlib.redirect_stdout(io.StringIO()):
+        expected = compute_prdc(real.numpy(), fake.numpy(), 5)
+    assert prdc_metrics(real, fake, nearest_k=5) == pytest.approx({k: float(v) for k, v in expected.items()}, abs=1e-12)
