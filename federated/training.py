@@ -257,9 +257,13 @@ def train_classifiers(models: list[nn.Linear], datasets: list[tuple[torch.Tensor
     penalty({"weight": (A, C, D), "bias": (A, C)}) -> (A,) adds a term per model, differentiated by
     autograd (e.g. FedProx's proximal term). Returns each model's mean step loss (with its penalty)."""
     device = models[0].weight.device
-    params = {"weight": torch.stack([m.weight.detach() for m in models]).clone(),
-              "bias": torch.stack([m.bias.detach() for m in models]).clone()}
-    optimizer = StackedOptimizer(params, cfg)
+    # one flat (K, C*D + C) tensor with weight and bias as views: the optimiser's element-wise update is one
+    # pass over all parameters (the same arithmetic per element)
+    flat = torch.cat([torch.stack([m.weight.detach().flatten() for m in models]),
+                      torch.stack([m.bias.detach() for m in models])], 1)
+    n_weight = models[0].weight.numel()
+    params = {"weight": flat[:, :n_weight].view(len(models), *models[0].weight.shape), "bias": flat[:, n_weight:]}
+    optimizer = StackedOptimizer({"flat": flat}, cfg)
     x_all = torch.cat([x for x, _ in datasets])
     y_all = torch.cat([y for _, y in datasets])
     sizes = [len(y) for _, y in datasets]
@@ -289,7 +293,7 @@ def train_classifiers(models: list[nn.Linear], datasets: list[tuple[torch.Tensor
                 extra = torch.autograd.grad(value.sum(), list(leaves.values()))
                 grads = {n: grads[n] + e for n, e in zip(leaves, extra)}
                 loss = loss + value.detach()
-            optimizer.step(grads, active)
+            optimizer.step({"flat": torch.cat([grads["weight"].flatten(1), grads["bias"]], 1)}, active)
             totals[rows] += loss.double()
             steps[rows] += 1
     with torch.no_grad():
