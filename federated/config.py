@@ -226,8 +226,10 @@ def settings_of(args: argparse.Namespace) -> tuple[dict, dict]:
 
 
 def setting_defaults(name: str) -> dict:
-    """Every dest's default for method `name` (the changed-settings check needs them)."""
-    return vars(method_parser(name, others=False).parse_args([]))
+    """Every dest's default for method `name`, as config.json records values (tuples as lists): the
+    changed-settings check compares them with recorded settings."""
+    return json.loads(json.dumps({k: (str(v) if isinstance(v, Path) else v)
+                                  for k, v in vars(method_parser(name, others=False).parse_args([])).items()}))
 
 
 def changed_settings(old: dict, new: dict, defaults: dict) -> list[str]:

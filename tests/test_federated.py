@@ -171,6 +171,19 @@ def test_flags_added_later_at_their_default_do_not_block_old_runs():
     assert changed_settings({"a": 1, "b": 2}, {"a": 2, "b": 2}, {"b": 2}) == ["a"]
 
 
+def test_a_list_flag_added_later_at_its_default_does_not_block_a_finished_run(tiny_db, tmp_path, capsys):
+    """config.json records tuples as lists: the defaults are compared in that form (a Table 1 run made before
+    --downstream-synthetic-weights existed must be reused by a later sweep at its default)."""
+    import json
+    run_train(tiny_db, tmp_path / "r", "--method", "local")
+    config = next((tmp_path / "r").rglob("config.json"))
+    recorded = json.loads(config.read_text())
+    recorded["settings"] = {k: v for k, v in recorded["settings"].items() if k != "downstream_c_grid"}
+    config.write_text(json.dumps(recorded))
+    run_train(tiny_db, tmp_path / "r", "--method", "local")
+    assert "finished, skipped" in capsys.readouterr().out
+
+
 def test_reference_aliases(tiny_db, tmp_path):
     run_train(tiny_db, tmp_path / "r", "--algorithm", "normal")
     run_train(tiny_db, tmp_path / "r", "--algorithm", "fedprox")
