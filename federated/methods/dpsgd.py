@@ -106,12 +106,8 @@ class DPClients(FederatedMethod):
         for i in range(len(self.ctx.clients)):
             q, total = rates[i], self.ctx.rounds * self.sgd.local_epochs * steps[i]
             if (q, total) not in calibrated:  # clients with the same plan share one calibration
-                # sigma grows almost exactly as q sqrt(steps) (the subsampled Gaussian's central limit), so a
-                # calibrated plan's sigma, rescaled, lands the next plan in the tolerance band at once
-                guess = next((s * q * math.sqrt(total) / (q0 * math.sqrt(t0))
-                              for (q0, t0), s in reversed(calibrated.items()) if q0 * t0 > 0), None) if q * total else None
                 calibrated[q, total] = calibrate_noise(
-                    lambda s: [(count_sigma, 1.0, 1), *self.planned_history(s, q, total)], self.privacy, guess=guess)
+                    lambda s: [(count_sigma, 1.0, 1), *self.planned_history(s, q, total)], self.privacy)
             out.append(calibrated[q, total])
         return out
 
