@@ -86,31 +86,28 @@ def _epsilon(history: tuple, delta: float, accountant: str, fast: bool) -> float
         return float(acc.get_epsilon(delta=delta))
 
 
-def calibrate_noise(plan: Callable[[float], History], cfg: PrivacyConfig, tolerance: float = 0.01, *,
-                    guess: float | None = None) -> float:
+def calibrate_noise(plan: Callable[[float], History], cfg: PrivacyConfig, tolerance: float = 0.01) -> float:
     """A noise multiplier sigma with target - tolerance < epsilon(plan(sigma)) <= target.
 
-    Without a guess, the fast RDP accountant brackets sigma (a bisection, as
-    opacus.accountants.utils.get_noise_multiplier). The chosen accountant then refines by secant steps
-    on log epsilon against log sigma (epsilon is close to a power of sigma), aimed at the middle of the
-    tolerance band and kept inside the feasible/infeasible bracket. A good guess (a similar plan's sigma,
-    scaled) usually lands in the band at the first evaluation. Only a feasible sigma is ever returned."""
+    The fast RDP accountant brackets sigma (a bisection, as opacus.accountants.utils.get_noise_multiplier).
+    The chosen accountant then refines by secant steps on log epsilon against log sigma (epsilon is close
+    to a power of sigma), aimed at the middle of the tolerance band and kept inside the
+    feasible/infeasible bracket. Only a feasible sigma is ever returned."""
     target = cfg.target_epsilon
     aim = target - tolerance / 2
 
     def eps(sigma: float, fast: bool = False) -> float:
         return epsilon_of(plan(sigma), cfg.delta, cfg.accountant, fast=fast)
-    if guess is None or not math.isfinite(guess) or guess <= 0:
-        low, high = 0.0, 1.0
-        while eps(high, fast=True) > target:
-            low, high = high, 2 * high
-            if high > MAX_SIGMA:
-                raise UserError(f"--epsilon {target}: unreachable even with noise multiplier {MAX_SIGMA} "
-                                "(the fixed releases alone may exceed it); raise --epsilon")
-        while high - low > 0.05 * high:
-            mid = (low + high) / 2
-            low, high = (low, mid) if eps(mid, fast=True) <= target else (mid, high)
-        guess = high  # integer-order RDP bounds the chosen accountant, so this is (almost always) feasible
+    low, high = 0.0, 1.0
+    while eps(high, fast=True) > target:
+        low, high = high, 2 * high
+        if high > MAX_SIGMA:
+            raise UserError(f"--epsilon {target}: unreachable even with noise multiplier {MAX_SIGMA} "
+                            "(the fixed releases alone may exceed it); raise --epsilon")
+    while high - low > 0.05 * high:
+        mid = (low + high) / 2
+        low, high = (low, mid) if eps(mid, fast=True) <= target else (mid, high)
+    guess = high  # integer-order RDP bounds the chosen accountant, so this is (almost always) feasible
     # the fast accountant's log-slope is the chosen one's to ~1 %: the first secant step needs no second point
     e_hi, e_lo = eps(guess, fast=True), eps(0.9 * guess, fast=True)
     rdp_slope = math.log(e_lo / e_hi) / math.log(0.9) if e_hi > 0 and e_lo > 0 else -1.0
