@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Table 1 grid of one dataset: FedAvg, FedProx, FedLambda, DP-CGAN, DP-CVAE, FedHypeVAE, DP-Gauss (defaults and
-# its tuned preset), DP-FedAvg (alone and mixed with each client's local model), Local, Local with the balanced
+# its tuned presets), DP-FedAvg (alone and mixed with each client's local model), Local, Local with the balanced
 # downstream recipe and Centralized
 # x the splits in SPLITS x SEEDS, epsilon = 1, delta = 1e-4, then the tables and figures. experiments/<dataset>/table1.sh
 # picks the values: DATASET (name in the results path), DB, SPLITS (iid, dirichlet, natural), N_CLIENTS, OUT, SEEDS.
@@ -12,7 +12,7 @@ SEEDS=${SEEDS:-3407 12345 202502}
 N_CLIENTS=${N_CLIENTS:-10}
 # method[:preset] (python train.py --method M --help lists a method's presets; the run folders' tag names them):
 # the papers' rows, DP-Gauss, the private-model yardstick DP-FedAvg and the strongest no-sharing one
-rows=(fedavg fedprox fedlambda local centralized dpcvae dpcgan fedhypevae dpgauss dpgauss:dp-tuned dpfedavg dpfedavg:mix
+rows=(fedavg fedprox fedlambda local centralized dpcvae dpcgan fedhypevae dpgauss dpgauss:dp-tuned dpgauss:dp-tuned-local dpfedavg dpfedavg:mix
       local:balanced)
 read -r -a splits <<< "$SPLITS"
 step=0

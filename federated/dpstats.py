@@ -85,7 +85,8 @@ def class_sums_size(n_classes: int, dim: int) -> int:
 class ClassGaussians:
     """Class-conditional Gaussians over v with a shared covariance: v = mean_c + basis @ (chol @ z)
     + residual * (I - basis basis^T) z' (low rank), or v = mean_c + sqrt(diag) * z (diagonal)."""
-    means: torch.Tensor     # (K, D)
+    means: torch.Tensor     # (K, D) the model's class means
+    class_means: torch.Tensor  # (K, D) the pooled DP class means, before any projection
     counts: torch.Tensor    # (K,) noisy
     log_norms: torch.Tensor  # (K,) each class's DP mean log-norm
     basis: torch.Tensor     # (D, k); k = 0 for the diagonal model
@@ -109,7 +110,7 @@ class ClassGaussians:
         return self.means[y.cpu()] + inside + rest
 
 
-FIELDS = ("means", "counts", "log_norms", "basis", "chol", "scale")
+FIELDS = ("means", "class_means", "counts", "log_norms", "basis", "chol", "scale")
 
 
 def class_gaussians(pooled: torch.Tensor, n_classes: int, dim: int, covariance: str, pca_dims: int,
@@ -122,13 +123,13 @@ def class_gaussians(pooled: torch.Tensor, n_classes: int, dim: int, covariance: 
     counts = per_class[:, dim]
     n_c = counts.clamp(min=1.0)
     log_norms = torch.where(counts >= 1, log_range * per_class[:, dim + 1] / n_c, centre.log_norm)
-    means = per_class[:, :dim] / n_c[:, None]
+    means = class_means = per_class[:, :dim] / n_c[:, None]
     total = float(counts.clamp(min=0).sum().clamp(min=1.0))
     within = (second - (per_class[:, :dim].T / n_c) @ per_class[:, :dim]) / max(total - n_classes, 1.0)
     within = (within + within.T) / 2
     if covariance == "diagonal":
         empty = torch.zeros(dim, 0, dtype=torch.float64)
-        return ClassGaussians(means, counts, log_norms, empty, torch.zeros(0, 0, dtype=torch.float64),
+        return ClassGaussians(means, class_means, counts, log_norms, empty, torch.zeros(0, 0, dtype=torch.float64),
                               within.diagonal().clamp(min=0).sqrt())
     k = min(pca_dims, dim)
     _, vectors = torch.linalg.eigh(second / total)  # DP-PCA: top directions of the noisy second moment
@@ -138,7 +139,26 @@ def class_gaussians(pooled: torch.Tensor, n_classes: int, dim: int, covariance: 
     values, rot = torch.linalg.eigh((inside + inside.T) / 2)
     chol = rot * values.clamp(min=0).sqrt()  # a square root of the PSD part: chol @ chol.T
     residual = (within.trace() - inside.trace()).clamp(min=0) / max(dim - k, 1)
-    return ClassGaussians(means, counts, log_norms, basis, chol, residual.sqrt().expand(dim).clone())
+    return ClassGaussians(means, class_means, counts, log_norms, basis, chol, residual.sqrt().expand(dim).clone())
+
+
+def local_gaussians(x: torch.Tensor, y: torch.Tensor, centre: Centre, model: ClassGaussians, dims: int) -> ClassGaussians:
+    """A client's own model for the synthetic records it trains on (it never leaves the client): the
+    pooled DP class means projected on the top `dims` directions of its own centred data v, with its own
+    within-class covariance (full rank). Its real data estimate the shape of the classes far better than
+    the noisy shared second moment can; the DP means carry what it lacks, the classes it has few of."""
+    v = centred(x, centre).cpu()
+    y = y.cpu()
+    n_classes, dim = model.class_means.shape
+    counts = torch.bincount(y, minlength=n_classes)
+    local = torch.zeros(n_classes, dim, dtype=torch.float64).index_add_(0, y, v) / counts.clamp(min=1)[:, None]
+    residual = v - local[y]
+    within = residual.T @ residual / max(len(v) - int((counts > 0).sum()), 1)
+    _, vectors = torch.linalg.eigh(v.T @ v)
+    top = vectors[:, -min(dims, dim):]
+    values, rot = torch.linalg.eigh((within + within.T) / 2)
+    return ClassGaussians(model.class_means @ top @ top.T, model.class_means, model.counts, model.log_norms, rot,
+                          torch.diag(values.clamp(min=0).sqrt()), torch.zeros(dim, dtype=torch.float64))
 
 
 def embeddings(v: torch.Tensor, y: torch.Tensor, centre: Centre, model: ClassGaussians) -> torch.Tensor:

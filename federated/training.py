@@ -52,12 +52,16 @@ def downstream_default() -> ClassifierConfig:
     return ClassifierConfig(optimizer="adam", lr=1e-3, momentum=0.0, weight_decay=0.0, batch_size=128, epochs=100)
 
 
+def check_optimizer(cfg: OptimConfig) -> None:
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UserError(f"optimizer {cfg.optimizer!r} is unknown; valid: {', '.join(OPTIMIZERS)}")
+
+
 def make_optimizer(params, cfg: OptimConfig, *, foreach: bool | None = None) -> torch.optim.Optimizer:
+    check_optimizer(cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=foreach)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach)
-    raise UserError(f"optimizer {cfg.optimizer!r} is unknown; valid: {', '.join(OPTIMIZERS)}")
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach)
 
 
 def train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: OptimConfig,
@@ -187,8 +191,7 @@ class StackedOptimizer:
     tensor, or None for all), each with its own state and step count, as its own optimiser would."""
 
     def __init__(self, params: dict[str, torch.Tensor], cfg: OptimConfig) -> None:
-        if cfg.optimizer not in OPTIMIZERS:
-            raise UserError(f"optimizer {cfg.optimizer!r} is unknown; valid: {', '.join(OPTIMIZERS)}")
+        check_optimizer(cfg)
         self.params, self.cfg = params, cfg
         self.first = {n: torch.zeros_like(p) for n, p in params.items()}   # SGD momentum buffer / Adam exp_avg
         self.second = {n: torch.zeros_like(p) for n, p in params.items()}  # Adam exp_avg_sq

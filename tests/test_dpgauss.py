@@ -46,6 +46,60 @@ def test_the_model_of_exact_statistics_recovers_the_class_means():
             assert (syn[y == c].mean(0) - x[y == c].mean(0)).norm() < 0.05 * x[y == c].mean(0).norm(), covariance
 
 
+def test_a_clients_local_model_has_its_own_within_class_covariance_and_the_projected_dp_means():
+    gen = torch.Generator().manual_seed(2)
+    d = 6
+    means = torch.randn(3, d, generator=gen) * 3 + 10
+    shape = torch.randn(d, d, generator=gen) * 0.2  # a within-class covariance far from isotropic
+    y = torch.arange(3).repeat_interleave(3000)
+    x = means[y] + torch.randn(len(y), d, generator=gen) @ shape.T
+    centre = dpstats.centre_of(dpstats.centre_sums(x, 10.0), 10.0, 4.0)
+    shared = dpstats.class_gaussians(dpstats.class_sums(x, y, centre, 3, 10.0), 3, d, "lowrank", 2, 10.0, centre)
+    assert not torch.allclose(shared.means, shared.class_means, atol=1e-3)  # the unprojected means are kept too
+    v = dpstats.centred(x, centre)
+    local = dpstats.local_gaussians(x, y, centre, shared, d)  # all directions: the DP means unprojected
+    assert torch.allclose(local.means, shared.class_means, atol=1e-9)
+    draws = local.sample(y, torch.Generator().manual_seed(3))
+    for c in range(3):
+        r, real = draws[y == c], v[y == c]
+        assert (r.mean(0) - real.mean(0)).norm() < 0.05 * real.std(0).norm()
+    within = lambda z: torch.cov(torch.cat([z[y == c] - z[y == c].mean(0) for c in range(3)]).T)  # noqa: E731
+    assert torch.allclose(within(draws), within(v), atol=0.05 * float(within(v).diagonal().max()))
+    # the shared model's rank-2 covariance cannot match it; fewer local directions project the means
+    assert not torch.allclose(within(shared.sample(y, torch.Generator().manual_seed(3))), within(v),
+                              atol=0.05 * float(within(v).diagonal().max()))
+    two = dpstats.local_gaussians(x, y, centre, shared, 2)
+    assert torch.linalg.matrix_rank(two.means - two.means.mean(0)) <= 2
+
+
+def test_local_covariance_changes_only_the_clients_training_data_never_a_release_or_its_evaluation(tiny_db, tmp_path,
+                                                                                                    monkeypatch):
+    from federated.channel import Channel
+    seen: dict[str, list] = {"a": [], "b": []}
+    original = Channel.deliver
+    target = []
+
+    def spy(self, client_id, kind, payload):
+        target[-1].append((client_id, kind, {k: v.clone() for k, v in payload.items() if isinstance(v, torch.Tensor)}))
+        return original(self, client_id, kind, payload)
+    monkeypatch.setattr(Channel, "deliver", spy)
+    from federated.methods.dpgauss import DPGauss
+    trained_on: dict[str, list] = {"a": [], "b": []}
+    local = DPGauss.sample_local
+    monkeypatch.setattr(DPGauss, "sample_local", lambda self, i, y, gen: trained_on[name].append(local(self, i, y, gen))
+                        or trained_on[name][-1])
+    for name, extra in (("a", ()), ("b", ("--local-covariance", "--local-dims", "4"))):
+        target.append(seen[name])
+        run_dp(tiny_db, tmp_path / name, "--method", "dpgauss", *extra)
+    assert len(seen["a"]) == len(seen["b"]) > 0
+    for (ia, ka, pa), (ib, kb, pb) in zip(seen["a"], seen["b"]):
+        assert (ia, ka, sorted(pa)) == (ib, kb, sorted(pb)) and all(torch.equal(pa[k], pb[k]) for k in pa)
+    a, b = results_of(tmp_path / "a", "dpgauss"), results_of(tmp_path / "b", "dpgauss")
+    assert a["privacy"] == b["privacy"] and a["fidelity"] == b["fidelity"] and a["audit"] == b["audit"]
+    assert len(trained_on["a"]) == len(trained_on["b"]) > 0  # what the clients trained on did change
+    assert all(ta.shape == tb.shape and not torch.equal(ta, tb) for ta, tb in zip(trained_on["a"], trained_on["b"]))
+
+
 def test_accounting_recomputed_and_only_noised_releases_cross(tiny_db, tmp_path, monkeypatch):
     from opacus.accountants import PRVAccountant
     from federated.channel import Channel

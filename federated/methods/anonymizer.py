@@ -91,8 +91,14 @@ class Anonymizer(DPClients):
         raise NotImplementedError
 
     def sample(self, i: int, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Synthetic embeddings for labels y, on client i, after training."""
+        """Synthetic embeddings for labels y, on client i, after training: what the shared generator
+        releases (the release evaluation samples this)."""
         raise NotImplementedError
+
+    def sample_local(self, i: int, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The synthetic embeddings client i trains its own downstream classifier on; they never leave
+        it, so a variant may combine the shared generator with the client's own data."""
+        return self.sample(i, y, gen)
 
     # --- round and downstream ----------------------------------------------------------------
     def train_clients(self, indices: list[int], rnd: int) -> list[tuple[dict[str, torch.Tensor], float]]:
@@ -106,7 +112,7 @@ class Anonymizer(DPClients):
         if len(y) == 0:
             return client.x_train[:0], client.y_train[:0]
         with torch.no_grad():
-            return self.sample(i, y, make_generator(self.ctx.seed, client.id, SYNTH)), y
+            return self.sample_local(i, y, make_generator(self.ctx.seed, client.id, SYNTH)), y
 
     def finish_clients(self) -> None:
         synthetic = []

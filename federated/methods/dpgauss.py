@@ -31,8 +31,14 @@ class DPGaussConfig(SynthesizerConfig):
     # over clip radius x DP-PCA size x synthetic weight (experiments/organamnist/tune_dpgauss_balanced.sh;
     # assets/results_organamnist/tuning/dpgauss_balanced_ranking.json). Radius and size are relative (DP
     # spreads, capped at the dimension), so the preset carries to other backbones.
-    PRESETS: ClassVar[dict] = {"dp-tuned": {"clip_spread": 0.5, "pca_dims": 64, "downstream_recipe": "balanced",
-                                            "downstream_synthetic_weights": (0.03,)}}
+    # dp-tuned-local: that winner, then --local-covariance x --local-dims {64, 128, 256} x weight {0.03, 0.1} on
+    # the same split, the two best (and dp-tuned) re-run with a second seed; the mean validation BACC over both
+    # seeds chose 128 directions (85.0 against 84.7 for 64 and 83.8 for dp-tuned).
+    PRESETS: ClassVar[dict] = {
+        "dp-tuned": {"clip_spread": 0.5, "pca_dims": 64, "downstream_recipe": "balanced",
+                     "downstream_synthetic_weights": (0.03,)},
+        "dp-tuned-local": {"clip_spread": 0.5, "pca_dims": 64, "downstream_recipe": "balanced",
+                           "downstream_synthetic_weights": (0.03,), "local_covariance": True, "local_dims": 128}}
 
     centre_share: float = setting(0.25, "share of the budget (in 1/sigma^2) spent on the DP centre; the rest goes "
                                   "to the class statistics", metavar="W")
@@ -42,6 +48,12 @@ class DPGaussConfig(SynthesizerConfig):
                               "the noisy second moment, class means projected on them, isotropic rest) or diagonal",
                               choices=COVARIANCES)
     pca_dims: int = setting(16, "directions of the low-rank model (DP-PCA)", metavar="K", minimum=1)
+    local_covariance: bool = setting(False, "each client trains its downstream classifier on synthetic records "
+                                     "with its own within-class covariance (its real data never leave it), the DP "
+                                     "class means projected on the top --local-dims directions of its own data; the "
+                                     "release evaluation (TSTR, fidelity, audit) still samples the shared DP model")
+    local_dims: int = setting(128, "directions of a client's own data the DP class means are projected on, with "
+                              "--local-covariance", metavar="K", minimum=1)
     log_norm_range: float = setting(10.0, "log-norms are released clipped to [-L, L] (norms e^-L..e^L: any "
                                     "backbone's)", metavar="L")
 
@@ -130,6 +142,13 @@ class DPGauss(Anonymizer):
 
     def sample(self, i: int, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return dpstats.embeddings(self.model.sample(y, gen), y, self.centre, self.model).to(self.ctx.device)
+
+    def sample_local(self, i: int, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if not self.cfg.local_covariance:
+            return self.sample(i, y, gen)
+        c = self.ctx.clients[i]
+        model = dpstats.local_gaussians(c.x_train, c.y_train, self.centre, self.model, self.cfg.local_dims)
+        return dpstats.embeddings(model.sample(y, gen), y, self.centre, model).to(self.ctx.device)
 
     # --- what a federated method must also say ------------------------------------------------------------
     def shared_state(self) -> dict[str, torch.Tensor]:
