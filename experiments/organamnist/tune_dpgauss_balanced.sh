@@ -32,11 +32,11 @@ for wm in 0.03:64 0.03:128 0.03:256 0.1:128; do
 done
 # the two best local settings and dp-tuned again with a second seed (one seed's DP noise moves BACC by points)
 for tag in local_w0.03_m64 local_w0.03_m128 w0.03_k0.5_d64; do
-  local=()
-  [[ $tag == local_* ]] && local=(--local-covariance --local-dims "${tag##*_m}")
+  extra=()
+  [[ $tag == local_* ]] && extra=(--local-covariance --local-dims "${tag##*_m}")
   "${PYTHON:-python}" train.py --db "$DB" --dataset-name organamnist --method dpgauss --split dirichlet --alpha 0.3 \
     --n-clients 10 --split-seed 7 --epsilon 1.0 --delta 1e-4 --downstream-recipe balanced \
-    --downstream-synthetic-weights 0.03 --clip-spread 0.5 --pca-dims 64 "${local[@]}" --tag "$tag" \
+    --downstream-synthetic-weights 0.03 --clip-spread 0.5 --pca-dims 64 "${extra[@]}" --tag "$tag" \
     --seeds "${SECOND_SEED:-12345}" --out "$OUT" "$@"
 done
 "${PYTHON:-python}" experiments/tuning.py --results "$OUT" --method dpgauss --json "$OUT/dpgauss_balanced_ranking.json"
