@@ -326,12 +326,13 @@ EXTRA = {"dpcvae": SMALL_DP, "dpcgan": SMALL_DP,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", DISTRIBUTED)
+@pytest.mark.parametrize("method", [*DISTRIBUTED, "dpgauss --preset dp-tuned-local"])  # + a node's own covariance
 def test_every_distributed_method_on_flower_equals_the_simulated_loop(tmp_path, method):
     db = write_db(tmp_path / "db", n=400, dim=16, n_classes=3, spread=2.5)
     dbs = write_client_dbs(db, tmp_path / "clients", 3)
     flags = (f"--method {method} --rounds 2 --seed {SEED} --n-clients 3 --downstream-epochs 10 --randomness seeded "
              f"{EXTRA.get(method, '')}")
+    method = method.split()[0]
     run_dir, flower = in_process_run(dbs, f"{flags} --out {tmp_path / 'flower'}")
     sim = simulated(db, tmp_path / "sim", flags)
     assert flower["clients"] == [published(c) for c in sim["clients"]]
