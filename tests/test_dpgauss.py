@@ -190,3 +190,21 @@ def test_the_balanced_recipe_weighs_synthetic_records_by_validation():
     # validation without class 2 gains nothing from it: the grid's order does not matter, w = 0 is kept
     tied = fit_balanced(x, y, x, y, 3, dataclasses.replace(cfg, synthetic_weights=(0.5, 0.0)), synthetic=(x_syn, y_syn))
     assert tied.chosen["synthetic_weight"] == 0.0
+
+
+def test_the_noise_probe_rebuilds_a_run_and_scores_each_noised_part(tiny_db, tmp_path):
+    import importlib.util
+    from pathlib import Path
+    from data.io import UserError
+    spec = importlib.util.spec_from_file_location("probe", Path(__file__).parent.parent / "experiments" / "dpgauss_noise_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    run_dp(tiny_db, tmp_path / "r", "--method", "dpgauss")
+    run = next((tmp_path / "r").rglob("results.json")).parent
+    out = probe.probe(run, None, 0)
+    assert set(out["tstr_val_bacc"]) == {"none", "all", "rows", "second"}
+    assert all(0 <= v <= 1 for v in out["tstr_val_bacc"].values()) and out["tstr_val_bacc"]["none"] > 0.5
+    assert out == probe.probe(run, None, 0)  # the noise seed fixes it
+    run_dp(tiny_db, tmp_path / "n", "--method", "dpgauss", "--no-dp")
+    with pytest.raises(UserError, match="not a DP-Gauss run with DP"):
+        probe.probe(next((tmp_path / "n").rglob("results.json")).parent, None, 0)
