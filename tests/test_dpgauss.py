@@ -208,3 +208,14 @@ def test_the_noise_probe_rebuilds_a_run_and_scores_each_noised_part(tiny_db, tmp
     run_dp(tiny_db, tmp_path / "n", "--method", "dpgauss", "--no-dp")
     with pytest.raises(UserError, match="not a DP-Gauss run with DP"):
         probe.probe(next((tmp_path / "n").rglob("results.json")).parent, None, 0)
+
+
+@pytest.mark.parametrize("policy", ["fill", "reference", "uniform"])
+def test_present_synthesises_only_the_classes_a_client_has_and_all_keeps_the_papers_counts(policy):
+    from federated.methods.anonymizer import SynthesisConfig, synthetic_counts
+    counts = torch.tensor([50, 0, 3, 0, 20])
+    papers = synthetic_counts(counts, SynthesisConfig(policy=policy, per_class=7))
+    present = synthetic_counts(counts, SynthesisConfig(policy=policy, per_class=7, classes="present"))
+    assert torch.equal(present, torch.where(counts > 0, papers, 0))
+    expected = {"fill": [0, 50, 47, 50, 30], "reference": [50, 0, 3, 0, 20], "uniform": [7] * 5}[policy]
+    assert papers.tolist() == expected

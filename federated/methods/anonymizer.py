@@ -24,6 +24,7 @@ from federated.privacy import PrivacyConfig
 from federated.training import ClassifierConfig, downstream_default, fit_downstream, predict_proba
 
 POLICIES = ("fill", "reference", "uniform")
+CLASS_SETS = ("all", "present")
 
 
 @dataclass(frozen=True)
@@ -36,18 +37,24 @@ class SynthesisConfig:
     per_class: int = setting(0, "samples per class for --synthesis uniform", flag="--synthetic-per-class",
                              metavar="N", minimum=0)
     z_var: float = setting(1.0, "latent variance when sampling", flag="--z-var", metavar="VAR", minimum=0)
+    classes: str = setting("all", "classes synthesised: all (the papers'), or present: only those the client has "
+                           "real records of, so that its classifier keeps the label space Local's has and the "
+                           "shared data only strengthen its rare classes", flag="--synthetic-classes",
+                           choices=CLASS_SETS)
 
 
 def synthetic_counts(class_counts: torch.Tensor, cfg: SynthesisConfig) -> torch.Tensor:
     """Synthetic samples per class for one client (its own counts never leave it)."""
     if cfg.policy == "fill":
         target = math.ceil(cfg.factor * int(class_counts.max()))
-        return (target - class_counts).clamp(min=0)
-    if cfg.policy == "reference":
-        return (cfg.factor * class_counts).round().long()
-    if cfg.policy == "uniform":
-        return torch.full_like(class_counts, cfg.per_class)
-    raise UserError(f"--synthesis {cfg.policy!r} is unknown; valid: {', '.join(POLICIES)}")
+        counts = (target - class_counts).clamp(min=0)
+    elif cfg.policy == "reference":
+        counts = (cfg.factor * class_counts).round().long()
+    elif cfg.policy == "uniform":
+        counts = torch.full_like(class_counts, cfg.per_class)
+    else:
+        raise UserError(f"--synthesis {cfg.policy!r} is unknown; valid: {', '.join(POLICIES)}")
+    return counts if cfg.classes == "all" else torch.where(class_counts > 0, counts, 0)
 
 
 @dataclass(frozen=True)
