@@ -106,6 +106,8 @@ class ClassGaussians:
         if k == 0:
             return self.means[y.cpu()] + self.scale * z
         inside = torch.randn(len(y), k, generator=gen, dtype=torch.float64) @ self.chol.T @ self.basis.T
+        if k == d:  # an orthonormal basis of every direction leaves no rest (z is drawn all the same: one stream)
+            return self.means[y.cpu()] + inside
         rest = self.scale * (z - (z @ self.basis) @ self.basis.T)
         return self.means[y.cpu()] + inside + rest
 
