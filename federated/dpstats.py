@@ -144,11 +144,16 @@ def class_gaussians(pooled: torch.Tensor, n_classes: int, dim: int, covariance: 
     return ClassGaussians(means, class_means, counts, log_norms, basis, chol, residual.sqrt().expand(dim).clone())
 
 
-def local_gaussians(x: torch.Tensor, y: torch.Tensor, centre: Centre, model: ClassGaussians, dims: int) -> ClassGaussians:
+def local_gaussians(x: torch.Tensor, y: torch.Tensor, centre: Centre, model: ClassGaussians, dims: int, *,
+                    pool_means: bool = False) -> ClassGaussians:
     """A client's own model for the synthetic records it trains on (it never leaves the client): the
     pooled DP class means projected on the top `dims` directions of its own centred data v, with its own
     within-class covariance (full rank). Its real data estimate the shape of the classes far better than
-    the noisy shared second moment can; the DP means carry what it lacks, the classes it has few of."""
+    the noisy shared second moment can; the DP means carry what it lacks, the classes it has few of.
+    pool_means: each class's mean is the DP mean and the client's own mean weighted by their inverse
+    per-coordinate variances: the own mean's is its within-class variance / its count, the DP mean's noise
+    is estimated from its part outside the top directions (where the class signal is small and the noise,
+    isotropic, is not)."""
     v = centred(x, centre).cpu()
     y = y.cpu()
     n_classes, dim = model.class_means.shape
@@ -158,8 +163,14 @@ def local_gaussians(x: torch.Tensor, y: torch.Tensor, centre: Centre, model: Cla
     within = residual.T @ residual / max(len(v) - int((counts > 0).sum()), 1)
     _, vectors = torch.linalg.eigh(v.T @ v)
     top = vectors[:, -min(dims, dim):]
+    means = model.class_means
+    if pool_means:  # inverse-variance weights of the DP mean and the client's own mean, per class
+        noise_var = (means - means @ top @ top.T).pow(2).sum(1) / max(dim - top.shape[1], 1)
+        own_var = within.trace() / dim / counts.clamp(min=1)
+        w_dp, w_own = 1 / noise_var.clamp(min=1e-12), torch.where(counts > 0, 1 / own_var.clamp(min=1e-12), 0.0)
+        means = (w_dp[:, None] * means + w_own[:, None] * local) / (w_dp + w_own)[:, None]
     values, rot = torch.linalg.eigh((within + within.T) / 2)
-    return ClassGaussians(model.class_means @ top @ top.T, model.class_means, model.counts, model.log_norms, rot,
+    return ClassGaussians(means @ top @ top.T, model.class_means, model.counts, model.log_norms, rot,
                           torch.diag(values.clamp(min=0).sqrt()), torch.zeros(dim, dtype=torch.float64))
 
 

@@ -219,3 +219,27 @@ def test_present_synthesises_only_the_classes_a_client_has_and_all_keeps_the_pap
     assert torch.equal(present, torch.where(counts > 0, papers, 0))
     expected = {"fill": [0, 50, 47, 50, 30], "reference": [50, 0, 3, 0, 20], "uniform": [7] * 5}[policy]
     assert papers.tolist() == expected
+
+
+def test_pooled_local_means_weigh_the_dp_mean_and_the_clients_own_by_their_variances():
+    import dataclasses
+    gen = torch.Generator().manual_seed(4)
+    d, n = 12, 2000
+    means = torch.randn(3, d, generator=gen) * 3 + 10
+    y = torch.cat([torch.zeros(n), torch.ones(n)]).long()  # class 2: no record on this client
+    x = means[y] + torch.randn(len(y), d, generator=gen) * 0.5
+    centre = dpstats.centre_of(dpstats.centre_sums(x, 10.0), 10.0, 4.0)
+    v = dpstats.centred(x, centre)
+    own = torch.stack([v[y == c].mean(0) for c in range(2)])
+    exact = dpstats.class_gaussians(dpstats.class_sums(x, y, centre, 3, 10.0), 3, d, "lowrank", 4, 10.0, centre)
+    noisy = dataclasses.replace(exact, class_means=exact.class_means + 0.3 * torch.randn(3, d, generator=gen,
+                                                                                       dtype=torch.float64))
+    plain = dpstats.local_gaussians(x, y, centre, noisy, d // 2)
+    pooled = dpstats.local_gaussians(x, y, centre, noisy, d // 2, pool_means=True)
+    top = torch.linalg.eigh(v.T @ v)[1][:, -d // 2:]
+
+    def top_err(model):  # distance to the client's own class means, in the directions the model keeps
+        return (model.means[:2] - own @ top @ top.T).norm(dim=1)
+    # 2000 own records per class outweigh noise 0.3 per coordinate: the pooled means sit on the client's own
+    assert (top_err(pooled) < 0.2 * top_err(plain)).all()
+    assert torch.allclose(pooled.means[2], plain.means[2])  # a class the client lacks keeps the DP mean

@@ -54,6 +54,9 @@ class DPGaussConfig(SynthesizerConfig):
                                      "release evaluation (TSTR, fidelity, audit) still samples the shared DP model")
     local_dims: int = setting(128, "directions of a client's own data the DP class means are projected on, with "
                               "--local-covariance", metavar="K", minimum=1)
+    local_means: str = setting("dp", "class means of --local-covariance's records: dp (the pooled DP means) or pooled "
+                               "(the DP mean and the client's own, weighted by their inverse variances)",
+                               choices=("dp", "pooled"))
     log_norm_range: float = setting(10.0, "log-norms are released clipped to [-L, L] (norms e^-L..e^L: any "
                                     "backbone's)", metavar="L")
 
@@ -147,7 +150,8 @@ class DPGauss(Anonymizer):
         if not self.cfg.local_covariance:
             return self.sample(i, y, gen)
         c = self.ctx.clients[i]
-        model = dpstats.local_gaussians(c.x_train, c.y_train, self.centre, self.model, self.cfg.local_dims)
+        model = dpstats.local_gaussians(c.x_train, c.y_train, self.centre, self.model, self.cfg.local_dims,
+                                        pool_means=self.cfg.local_means == "pooled")
         return dpstats.embeddings(model.sample(y, gen), y, self.centre, model).to(self.ctx.device)
 
     # --- what a federated method must also say ------------------------------------------------------------
