@@ -9,14 +9,18 @@ cd "$(dirname "$0")/../.."
 DB=${DB:-assets/organamnist_vits14_224}
 OUT=${OUT:-results/tuning}
 SEEDS=${SEEDS:-3407}
+user_flags=("$@")
+# one DP-Gauss run on the tuning split at epsilon 1 with the balanced recipe; the arguments set the rest
+tune() {
+  "${PYTHON:-python}" train.py --db "$DB" --dataset-name organamnist --method dpgauss --split dirichlet --alpha 0.3 \
+    --n-clients 10 --split-seed 7 --epsilon 1.0 --delta 1e-4 --downstream-recipe balanced --out "$OUT" "$@" \
+    "${user_flags[@]}"
+}
 for w in 0.1 0.03; do
   for k in 0.5 0.75; do
     for d in 32 64; do
       # shellcheck disable=SC2086  # SEEDS is a list
-      "${PYTHON:-python}" train.py --db "$DB" --dataset-name organamnist --method dpgauss --split dirichlet --alpha 0.3 \
-        --n-clients 10 --split-seed 7 --epsilon 1.0 --delta 1e-4 --downstream-recipe balanced \
-        --downstream-synthetic-weights "$w" --clip-spread "$k" --pca-dims "$d" --tag "w${w}_k${k}_d${d}" \
-        --seeds $SEEDS --out "$OUT" "$@"
+      tune --downstream-synthetic-weights "$w" --clip-spread "$k" --pca-dims "$d" --tag "w${w}_k${k}_d${d}" --seeds $SEEDS
     done
   done
 done
@@ -25,18 +29,14 @@ done
 for wm in 0.03:64 0.03:128 0.03:256 0.1:128; do
   w=${wm%:*} m=${wm#*:}
   # shellcheck disable=SC2086
-  "${PYTHON:-python}" train.py --db "$DB" --dataset-name organamnist --method dpgauss --split dirichlet --alpha 0.3 \
-    --n-clients 10 --split-seed 7 --epsilon 1.0 --delta 1e-4 --downstream-recipe balanced \
-    --downstream-synthetic-weights "$w" --clip-spread 0.5 --pca-dims 64 --local-covariance --local-dims "$m" \
-    --tag "local_w${w}_m${m}" --seeds $SEEDS --out "$OUT" "$@"
+  tune --downstream-synthetic-weights "$w" --clip-spread 0.5 --pca-dims 64 --local-covariance --local-dims "$m" \
+    --tag "local_w${w}_m${m}" --seeds $SEEDS
 done
 # the two best local settings and dp-tuned again with a second seed (one seed's DP noise moves BACC by points)
 for tag in local_w0.03_m64 local_w0.03_m128 w0.03_k0.5_d64; do
   extra=()
   [[ $tag == local_* ]] && extra=(--local-covariance --local-dims "${tag##*_m}")
-  "${PYTHON:-python}" train.py --db "$DB" --dataset-name organamnist --method dpgauss --split dirichlet --alpha 0.3 \
-    --n-clients 10 --split-seed 7 --epsilon 1.0 --delta 1e-4 --downstream-recipe balanced \
-    --downstream-synthetic-weights 0.03 --clip-spread 0.5 --pca-dims 64 "${extra[@]}" --tag "$tag" \
-    --seeds "${SECOND_SEED:-12345}" --out "$OUT" "$@"
+  tune --downstream-synthetic-weights 0.03 --clip-spread 0.5 --pca-dims 64 "${extra[@]}" --tag "$tag" \
+    --seeds "${SECOND_SEED:-12345}"
 done
 "${PYTHON:-python}" experiments/tuning.py --results "$OUT" --method dpgauss --json "$OUT/dpgauss_balanced_ranking.json"
