@@ -4,10 +4,12 @@ overall and per class, plus a 2-D projection for plots.
 
 Pairwise-distance metrics are quadratic in the sample size, so each side is subsampled (seeded) to
 at most `max_samples` overall and `max_per_class` per class; the sizes used are reported. Per pair, one
-float64 distance matrix of the pooled samples serves the bandwidth, MMD and PRDC.
+distance matrix of the pooled samples (float32, as the embeddings) serves the bandwidth, MMD and PRDC;
+sums that cancel (MMD^2, the Frechet distance) are taken in float64.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,17 +43,26 @@ def subsample(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randperm(n, generator=gen)[:k].sort().values
 
 
+def sq_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """|x_i - y_j|^2 in x's dtype, as one matrix product (|x|^2 + |y|^2 - 2 x.y, clamped at 0): the
+    quadratic pass is BLAS's, with no square roots over the whole matrix."""
+    return torch.addmm(x.pow(2).sum(1, keepdim=True), x, y.T, alpha=-2).add_(y.pow(2).sum(1)).clamp_(min=0)
+
+
 def pooled_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances (float64) within and between two samples: every pairwise metric of a pair reads
-    its blocks, so the quadratic pass is made once."""
-    pooled = torch.cat([x, y]).double()
-    return torch.cdist(pooled, pooled).fill_diagonal_(0.0)
+    """Euclidean distances within and between two samples (in their dtype): every pairwise metric of a pair
+    reads its blocks, so the quadratic pass is made once."""
+    pooled = torch.cat([x, y])
+    return sq_distances(pooled, pooled).fill_diagonal_(0.0).sqrt_()
 
 
 def median_bandwidth(d: torch.Tensor) -> float:
-    """The median heuristic: the (lower) median pairwise distance of the pooled samples, as torch.median."""
-    upper = d[torch.ones(d.shape, dtype=torch.bool).triu_(1)]
-    return float(upper.kthvalue((len(upper) + 1) // 2).values)
+    """The median heuristic: the (lower) median pairwise distance of the pooled samples, as torch.median.
+    Read off the whole symmetric matrix, with no copy of its upper triangle: after the n zeros of the
+    diagonal, every distance of the triangle appears twice, so its k-th smallest is the (n + 2k)-th."""
+    n = len(d)
+    k = (n * (n - 1) // 2 + 1) // 2
+    return float(d.reshape(-1).kthvalue(n + 2 * k).values)
 
 
 def gaussian_gram(a: torch.Tensor, b: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -64,7 +75,10 @@ def mmd2_of_gram(kxx: torch.Tensor, kyy: torch.Tensor, kxy: torch.Tensor) -> flo
     n, m = len(kxx), len(kyy)
     if n < 2 or m < 2:
         return float("nan")
-    return float((kxx.sum() - kxx.trace()) / (n * (n - 1)) + (kyy.sum() - kyy.trace()) / (m * (m - 1)) - 2 * kxy.mean())
+    def total(k):  # float64 sums: MMD^2 is a small difference of large ones
+        return k.sum(dtype=torch.float64)
+    return float((total(kxx) - kxx.diagonal().sum(dtype=torch.float64)) / (n * (n - 1))
+                 + (total(kyy) - kyy.diagonal().sum(dtype=torch.float64)) / (m * (m - 1)) - 2 * total(kxy) / kxy.numel())
 
 
 def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
@@ -73,23 +87,19 @@ def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, kernel: Callable[[torch.Tens
     return mmd2_of_gram(kernel(x, x), kernel(y, y), kernel(x, y))
 
 
-def psd_sqrt(s: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh(s)
-    return (v * np.sqrt(w.clip(min=0))) @ v.T
-
-
 def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
-    """|mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x S_y)^(1/2)) of the Gaussians fitted to x and y.
-    tr (S_x S_y)^(1/2) = sum of sqrt(eig(S_x^1/2 S_y S_x^1/2)): a symmetric eigenproblem, ~10x
-    faster than a general matrix square root (scipy.linalg.sqrtm) and free of its complex round-off."""
-    a, b = x.double().numpy(), y.double().numpy()
-    if len(a) < 2 or len(b) < 2:
+    """|mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x S_y)^(1/2)) of the Gaussians fitted to x and y, in float64.
+    With X, Y the centred samples, S_x S_y has the eigenvalues of (X Y^T)(X Y^T)^T / ((n_x - 1)(n_y - 1)), so
+    tr (S_x S_y)^(1/2) is the sum of the singular values of X Y^T, equally of R_x R_y^T for X = Q_x R_x and
+    Y = Q_y R_y: one small decomposition per pair, and no covariance is squared."""
+    if len(x) < 2 or len(y) < 2:
         return float("nan")
-    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    root_a = psd_sqrt(s_a)
-    cross = np.sqrt(np.linalg.eigvalsh(root_a @ s_b @ root_a).clip(min=0)).sum()
+    a, b = x.double(), y.double()
+    a_c, b_c = a - a.mean(0), b - b.mean(0)
+    r_a, r_b = torch.linalg.qr(a_c, mode="r").R, torch.linalg.qr(b_c, mode="r").R
+    cross = torch.linalg.svdvals(r_a @ r_b.T).sum() / math.sqrt((len(a) - 1) * (len(b) - 1))
     diff = a.mean(0) - b.mean(0)
-    return float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * cross)
+    return float(diff @ diff + a_c.pow(2).sum() / (len(a) - 1) + b_c.pow(2).sum() / (len(b) - 1) - 2 * cross)
 
 
 def prdc_metrics(real: torch.Tensor, fake: torch.Tensor, nearest_k: int, d: torch.Tensor | None = None) -> dict[str, float]:

@@ -187,8 +187,9 @@ def fit_classifiers(datasets: list[tuple[torch.Tensor, torch.Tensor]], n_classes
 
 class StackedOptimizer:
     """torch's SGD (momentum, weight decay) or Adam update, element-wise as torch.optim writes it, on stacked
-    per-model tensors {name: (K, ...)}: step(grads, active) moves only the models `active` (an index
-    tensor, or None for all), each with its own state and step count, as its own optimiser would."""
+    per-model tensors {name: (K, ...)}: step(grads, active) moves only the models `active` (a slice, whose
+    rows are views updated in place, an index tensor, whose rows are copied and written back, or None for
+    all), each with its own state and step count, as its own optimiser would."""
 
     def __init__(self, params: dict[str, torch.Tensor], cfg: OptimConfig) -> None:
         check_optimizer(cfg)
@@ -197,8 +198,10 @@ class StackedOptimizer:
         self.second = {n: torch.zeros_like(p) for n, p in params.items()}  # Adam exp_avg_sq
         self.steps = torch.zeros(next(iter(params.values())).shape[0], dtype=torch.float64)
 
-    def step(self, grads: dict[str, torch.Tensor], active: torch.Tensor | None) -> None:
-        cfg, rows = self.cfg, slice(None) if active is None else active
+    def step(self, grads: dict[str, torch.Tensor], active: torch.Tensor | slice | None) -> None:
+        cfg = self.cfg
+        rows = slice(None) if active is None else active
+        copied = isinstance(active, torch.Tensor)
         self.steps[rows] += 1
         if cfg.optimizer == "adam":
             b1, b2 = 0.9, 0.999  # torch.optim.Adam's defaults
@@ -210,22 +213,21 @@ class StackedOptimizer:
             if cfg.weight_decay:
                 g = g.add(param, alpha=cfg.weight_decay)
             shape = (-1,) + (1,) * (p.dim() - 1)
-            # with every model active the rows are views, updated in place; else copies, written back
             if cfg.optimizer == "sgd":
                 if cfg.momentum:
                     buf = self.first[name][rows].mul_(cfg.momentum).add_(g)  # torch's first step: buf = g, the same
-                    if active is not None:
+                    if copied:
                         self.first[name][rows] = buf
                     g = buf
                 param = param.add_(g, alpha=-cfg.lr)
             else:
                 m = self.first[name][rows].lerp_(g, 1 - b1)
                 v = self.second[name][rows].mul_(b2).addcmul_(g, g, value=1 - b2)
-                if active is not None:
+                if copied:
                     self.first[name][rows], self.second[name][rows] = m, v
                 denom = (v.sqrt() / bc2_sqrt.view(shape)).add_(1e-8)
                 param = param.sub_(step_size.view(shape) * m / denom)
-            if active is not None:
+            if copied:
                 p[rows] = param
 
 
@@ -257,52 +259,60 @@ def train_classifiers(models: list[nn.Linear], datasets: list[tuple[torch.Tensor
     shuffles every epoch; it steps only when it has a batch; a fresh optimiser), but stacked: one
     batched forward/backward and one optimiser update for all models per iteration. Small models are
     dominated by per-step overhead, so K clients cost about one. The cross-entropy gradient is closed-form;
-    penalty({"weight": (A, C, D), "bias": (A, C)}) -> (A,) adds a term per model, differentiated by
-    autograd (e.g. FedProx's proximal term). Returns each model's mean step loss (with its penalty)."""
+    penalty({"weight": (A, C, D), "bias": (A, C)}) -> (A,) adds a term per model, the same function of
+    each model's own parameters (e.g. FedProx's proximal term), differentiated by autograd. Returns each
+    model's mean step loss (with its penalty)."""
     device = models[0].weight.device
+    # the models are stacked longest-first, so that the models still training at step t are a prefix of
+    # the stack: every step works on views, with no copies in or out (a model's arithmetic is its own)
+    sizes = [len(y) for _, y in datasets]
+    batch = cfg.batch_size or max(sizes, default=1)
+    order = sorted(range(len(models)), key=lambda k: -sizes[k])
     # one flat (K, C*D + C) tensor with weight and bias as views: the optimiser's element-wise update is one
     # pass over all parameters (the same arithmetic per element)
-    flat = torch.cat([torch.stack([m.weight.detach().flatten() for m in models]),
-                      torch.stack([m.bias.detach() for m in models])], 1)
+    flat = torch.cat([torch.stack([models[k].weight.detach().flatten() for k in order]),
+                      torch.stack([models[k].bias.detach() for k in order])], 1)
     n_weight = models[0].weight.numel()
     params = {"weight": flat[:, :n_weight].view(len(models), *models[0].weight.shape), "bias": flat[:, n_weight:]}
     optimizer = StackedOptimizer({"flat": flat}, cfg)
-    x_all = torch.cat([x for x, _ in datasets])
-    y_all = torch.cat([y for _, y in datasets])
-    sizes = [len(y) for _, y in datasets]
-    batch = cfg.batch_size or max(sizes, default=1)
-    counts = torch.tensor([-(-n // batch) for n in sizes])
+    x_all = torch.cat([datasets[k][0] for k in order])
+    y_all = torch.cat([datasets[k][1] for k in order])
+    sizes = [sizes[k] for k in order]
+    counts = [-(-n // batch) for n in sizes]
+    n_active = [sum(c > t for c in counts) for t in range(max(counts, default=0))]  # non-increasing in t
     totals, steps = torch.zeros(len(models), dtype=torch.float64, device=device), torch.zeros(len(models), device=device)
+    minus_one = torch.full((len(models), 1, batch), -1.0, device=device)
     for _ in range(cfg.epochs):
-        idx, weight = (t.to(device) for t in epoch_batches(sizes, batch, gens))
-        for t in range(idx.shape[1]):
-            on = counts > t
-            active = None if bool(on.all()) else torch.nonzero(on).squeeze(1).to(device)
-            rows = slice(None) if active is None else active
-            w = weight[rows, t]
-            x, y = x_all[idx[rows, t]], y_all[idx[rows, t]]
+        idx, weight = (t.to(device) for t in epoch_batches(sizes, batch, [gens[k] for k in order]))
+        for t, a in enumerate(n_active):
+            rows = slice(0, a)
+            w, ids = weight[rows, None, t], idx[rows, t].reshape(-1)
+            x = x_all.index_select(0, ids).view(a, batch, -1)
+            y = y_all.index_select(0, ids).view(a, 1, batch)
             p = {n: v[rows] for n, v in params.items()}
             with torch.no_grad():
-                logp = torch.log_softmax(torch.baddbmm(p["bias"][:, None], x, p["weight"].transpose(1, 2)), -1)
-                picked = logp.gather(2, y[..., None]).squeeze(2)
-                loss = -(picked * w).sum(1)
+                # classes x records (W x^T, not x W^T): with few classes, BLAS is about twice as fast this way
+                logp = torch.log_softmax(torch.bmm(p["weight"], x.transpose(1, 2)).add_(p["bias"][..., None]), 1)
+                picked = logp.gather(1, y)
+                loss = -(picked * w).sum((1, 2))
                 g = logp.exp()
-                g.scatter_add_(2, y[..., None], -torch.ones_like(picked)[..., None])
-                g *= w[..., None]
-                grads = {"weight": torch.bmm(g.transpose(1, 2), x), "bias": g.sum(1)}
+                g.scatter_add_(1, y, minus_one[rows])
+                g *= w
+                grads = {"weight": torch.bmm(g, x), "bias": g.sum(2)}
             if penalty is not None:
                 leaves = {n: v.detach().requires_grad_() for n, v in p.items()}
                 value = penalty(leaves)
                 extra = torch.autograd.grad(value.sum(), list(leaves.values()))
                 grads = {n: grads[n] + e for n, e in zip(leaves, extra)}
                 loss = loss + value.detach()
-            optimizer.step({"flat": torch.cat([grads["weight"].flatten(1), grads["bias"]], 1)}, active)
+            optimizer.step({"flat": torch.cat([grads["weight"].flatten(1), grads["bias"]], 1)}, rows)
             totals[rows] += loss.double()
             steps[rows] += 1
+    losses = (totals / steps.clamp(min=1)).tolist()
     with torch.no_grad():
-        for k, m in enumerate(models):
-            m.weight.copy_(params["weight"][k]), m.bias.copy_(params["bias"][k])
-    return (totals / steps.clamp(min=1)).tolist()
+        for j, k in enumerate(order):
+            models[k].weight.copy_(params["weight"][j]), models[k].bias.copy_(params["bias"][j])
+    return [losses[order.index(k)] for k in range(len(models))]
 
 
 @torch.no_grad()

@@ -43,6 +43,10 @@ class SynthesisConfig:
                            choices=CLASS_SETS)
 
 
+def _pooled(clients: list[ClientData], attr: str) -> torch.Tensor:
+    return torch.cat([getattr(c, attr) for c in clients])
+
+
 def synthetic_counts(class_counts: torch.Tensor, cfg: SynthesisConfig) -> torch.Tensor:
     """Synthetic samples per class for one client (its own counts never leave it)."""
     if cfg.policy == "fill":
@@ -122,40 +126,48 @@ class Anonymizer(DPClients):
             return self.sample_local(i, y, make_generator(self.ctx.seed, client.id, SYNTH)), y
 
     def finish_clients(self) -> None:
-        synthetic = []
+        clients, cfg, seed = self.ctx.clients, self.cfg, self.ctx.seed
         with self.ctx.phase("synthesis and downstream classifiers"):
-            for i, c in enumerate(self.ctx.clients):
-                synthetic.append(self.synthesize(i))
-                self.synthetic_sizes[c.id] = len(synthetic[-1][1])
-            self.downstream_models = self.fit_client_classifiers([(c.x_train, c.y_train) for c in self.ctx.clients],
-                                                                 self.cfg.downstream, synthetic=synthetic)
-        if self.cfg.evaluation.enabled:
-            self.release_eval = self.evaluate_release()
+            synthetic = [self.synthesize(i) for i in range(len(clients))]
+            self.synthetic_sizes = {c.id: len(s[1]) for c, s in zip(clients, synthetic)}
+            datasets, vals = [(c.x_train, c.y_train) for c in clients], [(c.x_val, c.y_val) for c in clients]
+            gens = [make_generator(seed, c.id, DOWNSTREAM) for c in clients]
+            if cfg.evaluation.enabled:
+                # the TSTR classifier trains in the same batched loop as the clients' (its own stream and
+                # arithmetic), on the release the evaluation samples
+                release = self.release_samples()
+                datasets.append(release)
+                vals.append((_pooled(clients, "x_val"), _pooled(clients, "y_val")))
+                gens.append(make_generator(seed, SERVER, RELEASE_EVAL, DOWNSTREAM))
+                synthetic.append(None)
+            models = fit_downstream(datasets, vals, self.ctx.n_classes, cfg.downstream, gens, synthetic=synthetic)
+            self.downstream_models = {c.id: m for c, m in zip(clients, models)}
+        if cfg.evaluation.enabled:
+            self.release_eval = self.evaluate_release(release[0], models[-1])
 
-    def evaluate_release(self) -> dict:
-        """Fidelity, train-on-synthetic-test-on-real and a membership audit of what the trained
-        generator releases: each client draws as many synthetic records as it has training records,
-        with the same labels (its own stream); real held-out = the clients' test splits, members =
-        their training records, the attack's reference population = their validation splits, which
-        no generator saw."""
-        from federated.audit import membership_audit  # sklearn: seconds per process, needed only here
-        cfg, clients, seed = self.cfg.evaluation, self.ctx.clients, self.ctx.seed
+    def release_samples(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the trained generator releases, for its evaluation: each client draws as many synthetic
+        records as it has training records, with the same labels (its own stream)."""
+        clients = self.ctx.clients
         with torch.no_grad():
-            syn_x = torch.cat([self.sample(i, c.y_train, make_generator(seed, c.id, RELEASE_EVAL))
+            syn_x = torch.cat([self.sample(i, c.y_train, make_generator(self.ctx.seed, c.id, RELEASE_EVAL))
                                for i, c in enumerate(clients)])
-        syn_y = torch.cat([c.y_train for c in clients])
+        return syn_x, _pooled(clients, "y_train")
 
-        def pooled(attr: str) -> torch.Tensor:
-            return torch.cat([getattr(c, attr) for c in clients])
-        x_test, y_test = pooled("x_test"), pooled("y_test")
+    def evaluate_release(self, syn_x: torch.Tensor, tstr_model: torch.nn.Module) -> dict:
+        """Fidelity, train-on-synthetic-test-on-real (tstr_model, trained on the release) and a
+        membership audit of the release syn_x (labels: the clients' training labels): real held-out =
+        the clients' test splits, members = their training records, the attack's reference
+        population = their validation splits, which no generator saw."""
+        from federated.audit import membership_audit  # sklearn: seconds per process, needed only here
+        cfg, clients = self.cfg.evaluation, self.ctx.clients
+        x_test, y_test = _pooled(clients, "x_test"), _pooled(clients, "y_test")
         with self.ctx.phase("release fidelity and TSTR"):
-            [tstr_model] = fit_downstream([(syn_x, syn_y)], [(pooled("x_val"), pooled("y_val"))], self.ctx.n_classes,
-                                          self.cfg.downstream, [make_generator(seed, SERVER, RELEASE_EVAL, DOWNSTREAM)])
             tstr = client_metrics(y_test, predict_proba(tstr_model, x_test).argmax(1))
-            gen = make_generator(seed, SERVER, RELEASE_EVAL)
-            fidelity = fidelity_report(x_test, y_test, syn_x, syn_y, self.ctx.n_classes, cfg, gen)
+            gen = make_generator(self.ctx.seed, SERVER, RELEASE_EVAL)
+            fidelity = fidelity_report(x_test, y_test, syn_x, _pooled(clients, "y_train"), self.ctx.n_classes, cfg, gen)
         with self.ctx.phase("membership audit"):
-            audit = membership_audit(pooled("x_train"), x_test, syn_x, pooled("x_val"), cfg, gen)
+            audit = membership_audit(_pooled(clients, "x_train"), x_test, syn_x, _pooled(clients, "x_val"), cfg, gen)
         return {"fidelity": {"tstr": tstr, **fidelity}, "audit": audit}
 
     def predict(self, client: ClientData, x: torch.Tensor) -> torch.Tensor:
