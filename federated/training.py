@@ -196,7 +196,18 @@ class StackedOptimizer:
         self.params, self.cfg = params, cfg
         self.first = {n: torch.zeros_like(p) for n, p in params.items()}   # SGD momentum buffer / Adam exp_avg
         self.second = {n: torch.zeros_like(p) for n, p in params.items()}  # Adam exp_avg_sq
-        self.steps = torch.zeros(next(iter(params.values())).shape[0], dtype=torch.float64)
+        self.steps = torch.zeros(next(iter(params.values())).shape[0], dtype=torch.long)
+        # Adam's bias corrections by step count (float64, then float32 as applied): two lookups a step
+        # instead of a dozen scalar ops, the same numbers
+        self._corrections = torch.zeros(2, 0)
+
+    def corrections(self, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lr / (1 - b1^t), sqrt(1 - b2^t)) for each step count t, torch.optim.Adam's defaults b1, b2."""
+        if int(steps.max()) >= self._corrections.shape[1]:
+            t = torch.arange(max(2 * self._corrections.shape[1], int(steps.max()) + 1), dtype=torch.float64)
+            self._corrections = torch.stack([self.cfg.lr / (1 - 0.9 ** t), (1 - 0.999 ** t) ** 0.5]).float()
+        step_size, bc2_sqrt = self._corrections[:, steps]
+        return step_size, bc2_sqrt
 
     def step(self, grads: dict[str, torch.Tensor], active: torch.Tensor | slice | None) -> None:
         cfg = self.cfg
@@ -205,9 +216,7 @@ class StackedOptimizer:
         self.steps[rows] += 1
         if cfg.optimizer == "adam":
             b1, b2 = 0.9, 0.999  # torch.optim.Adam's defaults
-            steps = self.steps[rows]
-            step_size = (cfg.lr / (1 - b1 ** steps)).float()
-            bc2_sqrt = ((1 - b2 ** steps) ** 0.5).float()
+            step_size, bc2_sqrt = self.corrections(self.steps[rows])
         for name, p in self.params.items():
             g, param = grads[name], p[rows]
             if cfg.weight_decay:
@@ -225,7 +234,7 @@ class StackedOptimizer:
                 v = self.second[name][rows].mul_(b2).addcmul_(g, g, value=1 - b2)
                 if copied:
                     self.first[name][rows], self.second[name][rows] = m, v
-                denom = (v.sqrt() / bc2_sqrt.view(shape)).add_(1e-8)
+                denom = v.sqrt().div_(bc2_sqrt.view(shape)).add_(1e-8)
                 param = param.sub_(step_size.view(shape) * m / denom)
             if copied:
                 p[rows] = param
@@ -233,21 +242,21 @@ class StackedOptimizer:
 
 def epoch_batches(sizes: list[int], batch: int, gens: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
     """One epoch of every model's shuffled batches (each generator draws as shuffled_batches would), as
-    (K, T, batch) row indices into the concatenated data and their (K, T, batch) weights 1/|batch|
-    (0 on padding and past a model's last batch)."""
+    (T, K, batch) row indices into the concatenated data and their (T, K, 1, batch) weights 1/|batch|
+    (0 on padding and past a model's last batch): step t's are idx[t], contiguous."""
     counts = [-(-n // batch) for n in sizes]
-    idx = torch.zeros(len(sizes), max(counts, default=0), batch, dtype=torch.long)
+    idx = torch.zeros(max(counts, default=0), len(sizes), batch, dtype=torch.long)
     weight = torch.zeros(idx.shape)
     offset = 0
     for k, (n, g) in enumerate(zip(sizes, gens)):
         if n:
             flat = torch.cat([torch.randperm(n, generator=g) + offset, torch.zeros(counts[k] * batch - n, dtype=torch.long)])
-            idx[k, :counts[k]] = flat.view(counts[k], batch)
+            idx[:counts[k], k] = flat.view(counts[k], batch)
             lengths = torch.full((counts[k],), batch)
             lengths[-1] = n - (counts[k] - 1) * batch
-            weight[k, :counts[k]] = (torch.arange(batch)[None] < lengths[:, None]) / lengths[:, None]
+            weight[:counts[k], k] = (torch.arange(batch)[None] < lengths[:, None]) / lengths[:, None]
         offset += n
-    return idx, weight
+    return idx, weight[:, :, None]
 
 
 StackedPenalty = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -268,14 +277,13 @@ def train_classifiers(models: list[nn.Linear], datasets: list[tuple[torch.Tensor
     sizes = [len(y) for _, y in datasets]
     batch = cfg.batch_size or max(sizes, default=1)
     order = sorted(range(len(models)), key=lambda k: -sizes[k])
-    # one flat (K, C*D + C) tensor with weight and bias as views: the optimiser's element-wise update is one
-    # pass over all parameters (the same arithmetic per element)
-    flat = torch.cat([torch.stack([models[k].weight.detach().flatten() for k in order]),
-                      torch.stack([models[k].bias.detach() for k in order])], 1)
-    n_weight = models[0].weight.numel()
-    params = {"weight": flat[:, :n_weight].view(len(models), *models[0].weight.shape), "bias": flat[:, n_weight:]}
-    optimizer = StackedOptimizer({"flat": flat}, cfg)
+    # weight and bias as one (K, C, D + 1) tensor against records with a trailing 1: one matrix product
+    # gives the logits, one the gradients of both, and the update is one pass over all parameters
+    stack = torch.stack([torch.cat([models[k].weight.detach(), models[k].bias.detach()[:, None]], 1) for k in order])
+    dim = stack.shape[2] - 1
+    optimizer = StackedOptimizer({"stack": stack}, cfg)
     x_all = torch.cat([datasets[k][0] for k in order])
+    x_all = torch.cat([x_all, torch.ones(len(x_all), 1, dtype=x_all.dtype, device=device)], 1)
     y_all = torch.cat([datasets[k][1] for k in order])
     sizes = [sizes[k] for k in order]
     counts = [-(-n // batch) for n in sizes]
@@ -285,33 +293,29 @@ def train_classifiers(models: list[nn.Linear], datasets: list[tuple[torch.Tensor
     for _ in range(cfg.epochs):
         idx, weight = (t.to(device) for t in epoch_batches(sizes, batch, [gens[k] for k in order]))
         for t, a in enumerate(n_active):
-            rows = slice(0, a)
-            w, ids = weight[rows, None, t], idx[rows, t].reshape(-1)
-            x = x_all.index_select(0, ids).view(a, batch, -1)
+            ids, w, params = idx[t, :a].view(-1), weight[t, :a], stack[:a]
+            x = x_all.index_select(0, ids).view(a, batch, dim + 1)
             y = y_all.index_select(0, ids).view(a, 1, batch)
-            p = {n: v[rows] for n, v in params.items()}
-            with torch.no_grad():
-                # classes x records (W x^T, not x W^T): with few classes, BLAS is about twice as fast this way
-                logp = torch.log_softmax(torch.bmm(p["weight"], x.transpose(1, 2)).add_(p["bias"][..., None]), 1)
-                picked = logp.gather(1, y)
-                loss = -(picked * w).sum((1, 2))
-                g = logp.exp()
-                g.scatter_add_(1, y, minus_one[rows])
-                g *= w
-                grads = {"weight": torch.bmm(g, x), "bias": g.sum(2)}
+            # classes x records (W x^T, not x W^T): with few classes, BLAS is about twice as fast this way
+            logp = torch.log_softmax(torch.bmm(params, x.transpose(1, 2)), 1)
+            loss = logp.gather(1, y).mul_(w).sum((1, 2)).neg_()
+            g = logp.exp_().scatter_add_(1, y, minus_one[:a]).mul_(w)
+            grad = torch.bmm(g, x)
             if penalty is not None:
-                leaves = {n: v.detach().requires_grad_() for n, v in p.items()}
+                leaves = {"weight": params[..., :dim].detach().requires_grad_(),
+                          "bias": params[..., dim].detach().requires_grad_()}
                 value = penalty(leaves)
-                extra = torch.autograd.grad(value.sum(), list(leaves.values()))
-                grads = {n: grads[n] + e for n, e in zip(leaves, extra)}
+                extra_w, extra_b = torch.autograd.grad(value.sum(), list(leaves.values()))
+                grad[..., :dim] += extra_w
+                grad[..., dim] += extra_b
                 loss = loss + value.detach()
-            optimizer.step({"flat": torch.cat([grads["weight"].flatten(1), grads["bias"]], 1)}, rows)
-            totals[rows] += loss.double()
-            steps[rows] += 1
+            optimizer.step({"stack": grad}, slice(0, a))
+            totals[:a] += loss
+            steps[:a] += 1
     losses = (totals / steps.clamp(min=1)).tolist()
     with torch.no_grad():
         for j, k in enumerate(order):
-            models[k].weight.copy_(params["weight"][j]), models[k].bias.copy_(params["bias"][j])
+            models[k].weight.copy_(stack[j, :, :dim]), models[k].bias.copy_(stack[j, :, dim])
     return [losses[order.index(k)] for k in range(len(models))]
 
 

@@ -44,8 +44,8 @@ class DPCGAN(Anonymizer):
             self.generators.append(init_linear_layers_(Generator(ctx.dim, ctx.n_classes, cfg.latent), gen).to(ctx.device))
             self.discriminators.append(init_linear_layers_(Discriminator(ctx.dim, ctx.n_classes), gen).to(ctx.device))
         self.receive(self.global_generator.state_dict())
-        self.g_opts = [torch.optim.Adam(g.parameters(), lr=cfg.gen.lr, betas=self.betas) for g in self.generators]
-        self.d_opts = [torch.optim.Adam(d.parameters(), lr=cfg.gen.lr, betas=self.betas) for d in self.discriminators]
+        self.g_opts = [torch.optim.Adam(g.parameters(), lr=cfg.gen.lr, betas=self.betas, foreach=True) for g in self.generators]
+        self.d_opts = [torch.optim.Adam(d.parameters(), lr=cfg.gen.lr, betas=self.betas, foreach=True) for d in self.discriminators]
 
     def fake(self, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.randn(n, self.cfg.latent, generator=self.latent_gens[i]).to(self.ctx.device)

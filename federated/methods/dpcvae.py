@@ -35,7 +35,7 @@ class DPCVAE(Anonymizer):
         self.global_decoder = init_linear_layers_(
             CVAE(ctx.dim, ctx.n_classes, cfg.hidden, cfg.latent), make_generator(ctx.seed, SERVER, INIT)).decoder.to(ctx.device)
         self.receive(self.global_decoder.state_dict())
-        self.optimizers = [torch.optim.Adam(m.parameters(), lr=cfg.gen.lr) for m in self.models]
+        self.optimizers = [torch.optim.Adam(m.parameters(), lr=cfg.gen.lr, foreach=True) for m in self.models]
 
     def local_train(self, i: int, rnd: int) -> tuple[dict[str, torch.Tensor], float]:
         client, model, opt = self.ctx.clients[i], self.models[i], self.optimizers[i]

@@ -93,7 +93,7 @@ class DPFedAvg(DPClients):
         # a plain linear layer over pre-normalised inputs: the clipping hook sees the layer's real input
         model = LinearClassifier(self.ctx.dim, self.ctx.n_classes).to(self.ctx.device)
         model.load_state_dict(self.model.state_dict())
-        opt = torch.optim.Adam(model.parameters(), lr=self.sgd.lr)
+        opt = torch.optim.Adam(model.parameters(), lr=self.sgd.lr, foreach=True)
         x_all, y_all = self.inputs(i), self.ctx.clients[i].y_train
         total, steps = 0.0, 0
         for _ in range(self.sgd.local_epochs * self.steps_per_epoch[i]):

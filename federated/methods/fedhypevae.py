@@ -130,11 +130,11 @@ class FedHypeVAE(Anonymizer):
             project_(model.code.weight, cfg.code_radius)
             self.models.append(model)
         self.receive(self.global_hyper.state_dict())
-        self.local_opts = [torch.optim.Adam([*m.encoder.parameters(), m.code.weight], lr=cfg.gen.lr) for m in self.models]
+        self.local_opts = [torch.optim.Adam([*m.encoder.parameters(), m.code.weight], lr=cfg.gen.lr, foreach=True) for m in self.models]
         # Each client's optimiser of its Phi copy only sees privatised gradients, so its state (Adam's
         # moments) is post-processing and costs no privacy.
         hyper_optim = OptimConfig(optimizer=cfg.hyper_optimizer, lr=cfg.hyper_lr, momentum=0.0, weight_decay=0.0)
-        self.hyper_opts = [make_optimizer(m.hyper.parameters(), hyper_optim) for m in self.models]
+        self.hyper_opts = [make_optimizer(m.hyper.parameters(), hyper_optim, foreach=True) for m in self.models]
         self.meta_codes: torch.Tensor | None = None
         self.meta_weights: torch.Tensor | None = None
         self.meta_fit_loss: float | None = None
