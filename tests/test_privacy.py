@@ -111,6 +111,27 @@ def test_calibration_refines_with_few_accountant_evaluations(monkeypatch):
         assert 0.99 <= real([(100.0, 1.0, 1), (s, q, steps)], 1e-4, "prv") <= 1.0 and len(slow) <= 4
 
 
+@pytest.mark.parametrize("mechanism", ["prv", "rdp"])
+def test_memoised_rdp_orders_give_opacus_epsilon_bitwise(monkeypatch, mechanism):
+    """The memo on Opacus's per-order RDP (installed by our accountants) changes no figure: an epsilon
+    through it, asked twice, equals Opacus's own computation without it, to the last bit."""
+    from opacus.accountants.analysis import rdp
+    from federated.privacy import create_accountant
+    history = [(100.0, 1.0, 1), (3.7, 0.13, 400)]
+
+    def epsilon() -> float:
+        acc = create_accountant(mechanism)
+        acc.history = list(history)
+        return acc.get_epsilon(delta=1e-5)
+    memoised = [epsilon(), epsilon()]
+    assert hasattr(rdp._compute_rdp, "cache_info") and rdp._compute_rdp.cache_info().hits > 0
+    monkeypatch.setattr(rdp, "_compute_rdp", rdp._compute_rdp.__wrapped__)
+    from opacus.accountants import create_accountant as opacus_accountant
+    acc = opacus_accountant(mechanism=mechanism)
+    acc.history = list(history)
+    assert memoised == [acc.get_epsilon(delta=1e-5)] * 2
+
+
 def run_dp(db, out, *extra, seeds=("1",)):
     args = train.parse_args(["--db", str(db), "--out", str(out), *DP_FAST, "--seeds", *seeds, *extra])
     assert train.main(args) == 0
