@@ -2,7 +2,7 @@
 # DP-Gauss under the balanced downstream recipe at epsilon = 1 on the tuning split (--split-seed 7; Table 1 uses
 # 202502): clip radius K (in DP spreads) x DP-PCA dimensions D x a fixed weight W of the synthetic records,
 # ranked by the clients' validation BACC only (experiments/tuning.py); the winner is DP-Gauss's preset dp-tuned;
-# then, for it, the local-covariance grid below, whose winner is the preset dp-tuned-local.
+# then, for it, the local-covariance grid below, whose winner is the preset dp-tuned-local; then a grid around that.
 # DB=..., OUT=..., SEEDS="..." override; extra flags go to train.py (e.g. --threads 1). Re-running continues.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,5 +38,15 @@ for tag in local_w0.03_m64 local_w0.03_m128 w0.03_k0.5_d64; do
   [[ $tag == local_* ]] && extra=(--local-covariance --local-dims "${tag##*_m}")
   tune --downstream-synthetic-weights 0.03 --clip-spread 0.5 --pca-dims 64 "${extra[@]}" --tag "$tag" \
     --seeds "${SECOND_SEED:-12345}"
+done
+# around dp-tuned-local (2026-11-24): a tighter clip radius K, the centre's share S of the budget and more DP-PCA
+# directions D, one at a time, two seeds each (a fixed synthetic weight: a per-client choice of it would be
+# scored on the validation data that made it)
+for ksd in 0.35:0.25:64 0.25:0.25:64 0.5:0.1:64 0.5:0.5:64 0.5:0.25:128; do
+  IFS=: read -r k s d <<< "$ksd"
+  for seed in 3407 "${SECOND_SEED:-12345}"; do
+    tune --downstream-synthetic-weights 0.03 --clip-spread "$k" --centre-share "$s" --pca-dims "$d" \
+      --local-covariance --local-dims 128 --tag "local_w0.03_m128_k${k}_s${s}_d${d}" --seeds "$seed"
+  done
 done
 "${PYTHON:-python}" experiments/tuning.py --results "$OUT" --method dpgauss --json "$OUT/dpgauss_balanced_ranking.json"
