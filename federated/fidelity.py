@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 
 from data.flags import setting
@@ -95,10 +94,11 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     if len(x) < 2 or len(y) < 2:
         return float("nan")
     a, b = x.double(), y.double()
-    a_c, b_c = a - a.mean(0), b - b.mean(0)
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    a_c, b_c = a - mean_a, b - mean_b
     r_a, r_b = torch.linalg.qr(a_c, mode="r").R, torch.linalg.qr(b_c, mode="r").R
     cross = torch.linalg.svdvals(r_a @ r_b.T).sum() / math.sqrt((len(a) - 1) * (len(b) - 1))
-    diff = a.mean(0) - b.mean(0)
+    diff = mean_a - mean_b
     return float(diff @ diff + a_c.pow(2).sum() / (len(a) - 1) + b_c.pow(2).sum() / (len(b) - 1) - 2 * cross)
 
 

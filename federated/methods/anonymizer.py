@@ -132,17 +132,17 @@ class Anonymizer(DPClients):
             self.synthetic_sizes = {c.id: len(s[1]) for c, s in zip(clients, synthetic)}
             datasets, vals = [(c.x_train, c.y_train) for c in clients], [(c.x_val, c.y_val) for c in clients]
             gens = [make_generator(seed, c.id, DOWNSTREAM) for c in clients]
-            if cfg.evaluation.enabled:
+            release = self.release_samples() if cfg.evaluation.enabled else None
+            if release is not None:
                 # the TSTR classifier trains in the same batched loop as the clients' (its own stream and
                 # arithmetic), on the release the evaluation samples
-                release = self.release_samples()
                 datasets.append(release)
                 vals.append((_pooled(clients, "x_val"), _pooled(clients, "y_val")))
                 gens.append(make_generator(seed, SERVER, RELEASE_EVAL, DOWNSTREAM))
                 synthetic.append(None)
             models = fit_downstream(datasets, vals, self.ctx.n_classes, cfg.downstream, gens, synthetic=synthetic)
             self.downstream_models = {c.id: m for c, m in zip(clients, models)}
-        if cfg.evaluation.enabled:
+        if release is not None:
             self.release_eval = self.evaluate_release(release[0], models[-1])
 
     def release_samples(self) -> tuple[torch.Tensor, torch.Tensor]:
