@@ -258,6 +258,19 @@ def test_a_client_missing_a_class_gains_from_synthetic_data(tmp_path):
     assert results["dpcvae"]["bacc"] > results["local"]["bacc"] + 0.15, results
 
 
+@pytest.mark.slow
+def test_release_evaluation_off_leaves_the_clients_results_as_they_are(tiny_db, tmp_path):
+    """The TSTR classifier trains in the clients' stacked loop; without the release evaluation the stack
+    holds the clients alone, and every client's model (so its metrics) is bitwise the same, while the
+    fidelity, TSTR and audit blocks are gone."""
+    run_dp(tiny_db, tmp_path / "on", "--method", "dpcvae")
+    run_dp(tiny_db, tmp_path / "off", "--method", "dpcvae", "--no-release-eval")
+    on, off = results_of(tmp_path / "on", "dpcvae"), results_of(tmp_path / "off", "dpcvae")
+    assert "tstr" in on["fidelity"] and "audit" in on
+    assert "fidelity" not in off and "audit" not in off
+    assert on["clients"] == off["clients"] and on["summary"] == off["summary"]
+
+
 def test_parameter_counts_match_the_reference_and_check_the_5x_claim():
     """At 768-d / 11 classes: CVAE 740,296 (decoder 357,632), CGAN 2,693,889 (generator 1,369,856),
     the published code's sizes. The CGAN is ~3.6x larger in total (~3.8x shared), not the claimed 5x."""
