@@ -203,8 +203,9 @@ class StackedOptimizer:
 
     def corrections(self, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(lr / (1 - b1^t), sqrt(1 - b2^t)) for each step count t, torch.optim.Adam's defaults b1, b2."""
-        if int(steps.max()) >= self._corrections.shape[1]:
-            t = torch.arange(max(2 * self._corrections.shape[1], int(steps.max()) + 1), dtype=torch.float64)
+        last = int(steps.max())
+        if last >= self._corrections.shape[1]:
+            t = torch.arange(max(2 * self._corrections.shape[1], last + 1), dtype=torch.float64)
             self._corrections = torch.stack([self.cfg.lr / (1 - 0.9 ** t), (1 - 0.999 ** t) ** 0.5]).float()
         step_size, bc2_sqrt = self._corrections[:, steps]
         return step_size, bc2_sqrt
