@@ -41,6 +41,8 @@ def probe(run: Path, split_seed: int | None, noise_seed: int) -> dict:
     clients = build_clients(db, SplitConfig(**split),
                             config["seed"], torch.device("cpu"))
     k, d, log_range = int(db.labels.max()) + 1, db.embeddings.shape[1], cfg["log_norm_range"]
+    weights = dpstats.PartWeights(cfg.get("count_weight", 1.0), cfg.get("norm_weight", 1.0),
+                                  cfg.get("moment_weight", 1.0))  # runs before these flags used the defaults
     gen = torch.Generator().manual_seed(noise_seed)
 
     def noisy(sums: torch.Tensor, std: float) -> torch.Tensor:
@@ -53,13 +55,13 @@ def probe(run: Path, split_seed: int | None, noise_seed: int) -> dict:
         centre_std = 0.0 if mode == "none" else noise["centre_noise_multiplier"] * dpstats.CENTRE_SENSITIVITY
         centre = dpstats.centre_of(sum(noisy(dpstats.centre_sums(c.x_train, log_range), centre_std) for c in clients),
                                    log_range, cfg["clip_spread"])
-        std = noise["stats_noise_multiplier"] * dpstats.STATS_SENSITIVITY
+        std = noise["stats_noise_multiplier"] * weights.sensitivity
         pooled = 0
         for c in clients:
-            sums = dpstats.class_sums(c.x_train, c.y_train, centre, k, log_range)
+            sums = dpstats.class_sums(c.x_train, c.y_train, centre, k, log_range, weights)
             pooled = pooled + torch.cat([noisy(sums[:rows], std if on_rows else 0.0),
                                          noisy(sums[rows:], std if on_second else 0.0)])
-        model = dpstats.class_gaussians(pooled, k, d, cfg["covariance"], cfg["pca_dims"], log_range, centre)
+        model = dpstats.class_gaussians(pooled, k, d, cfg["covariance"], cfg["pca_dims"], log_range, centre, weights)
         x_syn = dpstats.embeddings(model.sample(y_syn, gen), y_syn, centre, model)
         clf = fit_balanced(x_syn, y_syn, x_val, y_val, k, ClassifierConfig(recipe="balanced"))
         out["tstr_val_bacc"][mode] = client_metrics(y_val, predict_proba(clf, x_val).argmax(1))["bacc"]

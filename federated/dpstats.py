@@ -8,8 +8,13 @@ clipped log-norm l = clip(log |x|, -L, L) / L. A client releases [sum u, count, 
 Stage 2, the class statistics, centred and clipped to the spread. v = (u - mu) / r, clipped to |v| <= 1,
 with r = k * sqrt(1 - |mu|^2): for unit vectors E|u - mu|^2 = 1 - |mu|^2, so the spread is a DP
 estimate from stage 1 and k a dimensionless flag (no radius fitted to a database). A client releases
-per class [sum v, count, sum l] and the second moment sum v v^T, + Gaussian noise (sensitivity 2: one
-class row by sqrt(3), the second moment by 1). Pooled over the clients, before any use.
+per class [sum v, a count, b sum l] and m times the second moment sum v v^T, + Gaussian noise (one record
+moves its class row by sqrt(1 + a^2 + b^2) and the second moment by m: sensitivity sqrt(1 + a^2 + b^2 + m^2),
+2 with the default weights a = b = m = 1). The weights (PartWeights) say where the noise goes: a part released
+at weight w carries noise std / w once the server divides it out, so a small count weight spends little of
+the budget on counts, which are large, and leaves more for the class sums, whose signal per coordinate is
+small. b = 0 releases no class log-norms (each class takes the centre's). Pooled over the clients, before
+any use.
 
 From the pooled sums: class means, a shared within-class covariance and (DP-PCA, post-processing of the
 noisy second moment) its top directions. The noise is isotropic over all D dimensions while the class
@@ -24,7 +29,23 @@ import torch
 from torch.nn import functional as F
 
 CENTRE_SENSITIVITY = math.sqrt(3.0)  # L2 change of centre_sums when one record leaves (see above)
-STATS_SENSITIVITY = 2.0             # of class_sums
+
+
+@dataclass(frozen=True)
+class PartWeights:
+    """Scales of the class statistics' parts inside their release (see above); the class sums' is 1."""
+    count: float = 1.0
+    norm: float = 1.0    # 0: no class log-norms are released
+    moment: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.count <= 0 or self.moment <= 0 or self.norm < 0:
+            raise ValueError(f"part weights must be > 0 (count, moment) and >= 0 (norm), got {self}")
+
+    @property
+    def sensitivity(self) -> float:
+        """L2 change of class_sums when one record leaves."""
+        return math.sqrt(1.0 + self.count ** 2 + self.norm ** 2 + self.moment ** 2)
 
 
 def log_norms(x: torch.Tensor, log_range: float) -> torch.Tensor:
@@ -68,13 +89,15 @@ def centred(x: torch.Tensor, centre: Centre) -> torch.Tensor:
     return v / v.norm(dim=1, keepdim=True).clamp(min=1.0)
 
 
-def class_sums(x: torch.Tensor, y: torch.Tensor, centre: Centre, n_classes: int, log_range: float) -> torch.Tensor:
-    """(K (D + 2) + D^2,): per class [sum v, count, sum of clipped log-norms / L], then the second
-    moment sum v v^T."""
+def class_sums(x: torch.Tensor, y: torch.Tensor, centre: Centre, n_classes: int, log_range: float,
+               weights: PartWeights = PartWeights()) -> torch.Tensor:
+    """(K (D + 2) + D^2,): per class [sum v, a count, b sum of clipped log-norms / L], then m times the
+    second moment sum v v^T (a, b, m: the weights)."""
     v = centred(x, centre)
-    rows = torch.cat([v, torch.ones(len(v), 1, dtype=v.dtype, device=v.device), log_norms(x, log_range)[:, None]], dim=1)
+    rows = torch.cat([v, torch.full((len(v), 1), weights.count, dtype=v.dtype, device=v.device),
+                      weights.norm * log_norms(x, log_range)[:, None]], dim=1)
     per_class = torch.zeros(n_classes, rows.shape[1], dtype=v.dtype, device=v.device).index_add_(0, y, rows)
-    return torch.cat([per_class.flatten(), (v.T @ v).flatten()])
+    return torch.cat([per_class.flatten(), weights.moment * (v.T @ v).flatten()])
 
 
 def class_sums_size(n_classes: int, dim: int) -> int:
@@ -116,15 +139,17 @@ FIELDS = ("means", "class_means", "counts", "log_norms", "basis", "chol", "scale
 
 
 def class_gaussians(pooled: torch.Tensor, n_classes: int, dim: int, covariance: str, pca_dims: int,
-                    log_range: float, centre: Centre) -> ClassGaussians:
-    """The model of the pooled (noisy) class_sums (a class with a noisy count under 1 takes the
-    centre's log-norm)."""
+                    log_range: float, centre: Centre, weights: PartWeights = PartWeights()) -> ClassGaussians:
+    """The model of the pooled (noisy) class_sums released at these weights (a class with a noisy count
+    under 1, or every class if no log-norms were released, takes the centre's log-norm)."""
     per_class = pooled[:n_classes * (dim + 2)].reshape(n_classes, dim + 2).double()
-    second = pooled[n_classes * (dim + 2):].reshape(dim, dim).double()
+    second = pooled[n_classes * (dim + 2):].reshape(dim, dim).double() / weights.moment
     second = (second + second.T) / 2
-    counts = per_class[:, dim]
+    counts = per_class[:, dim] / weights.count
     n_c = counts.clamp(min=1.0)
-    log_norms = torch.where(counts >= 1, log_range * per_class[:, dim + 1] / n_c, centre.log_norm)
+    released = counts >= 1 if weights.norm > 0 else torch.zeros_like(counts, dtype=torch.bool)
+    log_norms = torch.where(released, log_range * per_class[:, dim + 1] / max(weights.norm, 1e-300) / n_c,
+                            centre.log_norm)
     means = class_means = per_class[:, :dim] / n_c[:, None]
     total = float(counts.clamp(min=0).sum().clamp(min=1.0))
     within = (second - (per_class[:, :dim].T / n_c) @ per_class[:, :dim]) / max(total - n_classes, 1.0)

@@ -15,22 +15,57 @@ from tests.test_privacy import run_dp
 @pytest.mark.parametrize("case", range(20))
 def test_the_released_sums_move_by_at_most_their_sensitivity_when_one_record_leaves(case):
     """Neighbouring datasets (one record removed), including records far outside the data: the
-    centre sums differ by at most sqrt(3) in L2, the centred, clipped class statistics by at most 2."""
+    centre sums differ by at most sqrt(3) in L2, the centred, clipped class statistics by at most their
+    weights' sensitivity (2 at the default weights)."""
     gen = torch.Generator().manual_seed(case)
     n, d, k = 50, 8, 3
     x = torch.randn(n, d, generator=gen) * 5 + 3
     x[0] *= 1e4 if case % 2 else 1e-4  # an extreme norm
     y = torch.randint(0, k, (n,), generator=gen)
     centre = dpstats.centre_of(dpstats.centre_sums(x, 10.0), 10.0, 0.5 + case / 10)
+    weights = dpstats.PartWeights() if case < 10 else dpstats.PartWeights(0.1 * case, (case % 3) / 2, 0.05 * case)
     drop = case % n
     keep = torch.arange(n) != drop
     pairs = ((dpstats.centre_sums(x, 10.0), dpstats.centre_sums(x[keep], 10.0), dpstats.CENTRE_SENSITIVITY),
-             (dpstats.class_sums(x, y, centre, k, 10.0), dpstats.class_sums(x[keep], y[keep], centre, k, 10.0),
-              dpstats.STATS_SENSITIVITY))
+             (dpstats.class_sums(x, y, centre, k, 10.0, weights),
+              dpstats.class_sums(x[keep], y[keep], centre, k, 10.0, weights), weights.sensitivity))
+    assert dpstats.PartWeights().sensitivity == 2.0
     for full, fewer, sensitivity in pairs:
         assert (full - fewer).norm() <= sensitivity + 1e-9
     v = dpstats.centred(x, centre)
     assert v.norm(dim=1).max() <= 1 + 1e-9
+
+
+@pytest.mark.parametrize("weights", [dpstats.PartWeights(), dpstats.PartWeights(0.3, 0.0, 0.5)])
+def test_the_class_statistics_sensitivity_is_reached_by_a_record_at_the_clip_radius(weights):
+    """Not an overestimate either: a record clipped to |v| = 1 with its log-norm at the range's end moves the
+    release by exactly the stated sensitivity."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 5, generator=gen) + 4
+    y = torch.randint(0, 2, (40,), generator=gen)
+    centre = dpstats.centre_of(dpstats.centre_sums(x, 2.0), 2.0, 0.1)
+    x[0] = -x[0] * 100  # opposite the centre (clipped to the unit ball) with a norm beyond e^2
+    keep = torch.arange(40) != 0
+    diff = dpstats.class_sums(x, y, centre, 2, 2.0, weights) - dpstats.class_sums(x[keep], y[keep], centre, 2, 2.0, weights)
+    assert dpstats.centred(x[:1], centre).norm() == pytest.approx(1.0)
+    assert float(diff.norm()) == pytest.approx(weights.sensitivity, rel=1e-9)
+
+
+def test_weighted_parts_give_the_same_model_of_exact_statistics():
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(300, 6, generator=gen) + 3, torch.randint(0, 3, (300,), generator=gen)
+    centre = dpstats.centre_of(dpstats.centre_sums(x, 10.0), 10.0, 1.0)
+    plain = dpstats.class_gaussians(dpstats.class_sums(x, y, centre, 3, 10.0), 3, 6, "lowrank", 3, 10.0, centre)
+    weights = dpstats.PartWeights(0.2, 0.5, 0.3)
+    weighted = dpstats.class_gaussians(dpstats.class_sums(x, y, centre, 3, 10.0, weights), 3, 6, "lowrank", 3, 10.0,
+                                       centre, weights)
+    for field in dpstats.FIELDS:
+        assert torch.allclose(getattr(plain, field), getattr(weighted, field), atol=1e-9), field
+    no_norms = dpstats.PartWeights(0.2, 0.0, 0.3)
+    model = dpstats.class_gaussians(dpstats.class_sums(x, y, centre, 3, 10.0, no_norms), 3, 6, "lowrank", 3, 10.0,
+                                    centre, no_norms)
+    assert torch.allclose(model.means, plain.means, atol=1e-9)
+    assert torch.equal(model.log_norms, torch.full((3,), centre.log_norm, dtype=torch.float64))
 
 
 def test_the_model_of_exact_statistics_recovers_the_class_means():
@@ -100,7 +135,8 @@ def test_local_covariance_changes_only_the_clients_training_data_never_a_release
     assert all(ta.shape == tb.shape and not torch.equal(ta, tb) for ta, tb in zip(trained_on["a"], trained_on["b"]))
 
 
-def test_accounting_recomputed_and_only_noised_releases_cross(tiny_db, tmp_path, monkeypatch):
+@pytest.mark.parametrize("preset", [(), ("--preset", "dp-tuned-sums")])  # default weights, and the weighted parts
+def test_accounting_recomputed_and_only_noised_releases_cross(tiny_db, tmp_path, monkeypatch, preset):
     from opacus.accountants import PRVAccountant
     from federated.channel import Channel
     seen = []
@@ -110,7 +146,7 @@ def test_accounting_recomputed_and_only_noised_releases_cross(tiny_db, tmp_path,
         seen.append((client_id, kind, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in payload.items()}))
         return original(self, client_id, kind, payload)
     monkeypatch.setattr(Channel, "deliver", spy)
-    run_dp(tiny_db, tmp_path / "r", "--method", "dpgauss", "--accountant", "prv")
+    run_dp(tiny_db, tmp_path / "r", "--method", "dpgauss", "--accountant", "prv", *preset)
     res = results_of(tmp_path / "r", "dpgauss")
     privacy = res["privacy"]
     assert privacy["epsilon_spent_max"] <= 1.0 and privacy["epsilon_spent_max"] > 0.95
@@ -134,6 +170,16 @@ def test_accounting_recomputed_and_only_noised_releases_cross(tiny_db, tmp_path,
     for c, sent in zip(clients, centres):  # what crossed is the noised sum, never the exact one
         exact = dpstats.centre_sums(c.x_train, 10.0)
         assert (sent - exact).norm() > 1.0
+    # the class statistics crossed with noise of std sigma x the sensitivity of their part weights
+    centre = dpstats.centre_of(sum(centres), 10.0, 0.5 if preset else 1.5)  # as the server pools them
+    assert centre.radius == pytest.approx(res["dpgauss"]["clip_radius"])
+    weights = dpstats.PartWeights(0.1, 0.0, 0.5) if preset else dpstats.PartWeights()
+    assert res["dpgauss"]["stats_sensitivity"] == pytest.approx(weights.sensitivity)
+    stats = [p["class_stats"] for _, kind, p in seen if kind == "release" and "class_stats" in p]
+    k = int(db.labels.max()) + 1
+    for c, sent in zip(clients, stats):
+        noise = sent - dpstats.class_sums(c.x_train, c.y_train, centre, k, 10.0, weights)
+        assert float(noise.std()) == pytest.approx(res["dpgauss"]["stats_noise_multiplier"] * weights.sensitivity, rel=0.2)
     assert res["rounds"] == 0 and "dpgauss" in res and res["fidelity"]["tstr"]["bacc"] > 0
 
 

@@ -49,4 +49,14 @@ for ksd in 0.35:0.25:64 0.25:0.25:64 0.5:0.1:64 0.5:0.5:64 0.5:0.25:128; do
       --local-covariance --local-dims 128 --tag "local_w0.03_m128_k${k}_s${s}_d${d}" --seeds "$seed"
   done
 done
+# where the class-statistics release spends its noise (2026-11-24): count weight A, log-norm weight B (0: none
+# released) and second-moment weight M (the class sums' is 1), around dp-tuned-local, two seeds each
+for abm in 0.3:0:1 0.3:0:0.5 0.3:0.3:0.5 0.1:0:0.5 0.3:0:0.25; do
+  IFS=: read -r a b m <<< "$abm"
+  for seed in 3407 "${SECOND_SEED:-12345}"; do
+    tune --downstream-synthetic-weights 0.03 --clip-spread 0.5 --pca-dims 64 --local-covariance --local-dims 128 \
+      --count-weight "$a" --norm-weight "$b" --moment-weight "$m" --tag "local_w0.03_m128_cw${a}_nw${b}_mw${m}" \
+      --seeds "$seed"
+  done
+done
 "${PYTHON:-python}" experiments/tuning.py --results "$OUT" --method dpgauss --json "$OUT/dpgauss_balanced_ranking.json"
