@@ -326,7 +326,8 @@ EXTRA = {"dpcvae": SMALL_DP, "dpcgan": SMALL_DP,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [*DISTRIBUTED, "dpgauss --preset dp-tuned-local"])  # + a node's own covariance
+@pytest.mark.parametrize("method", [*DISTRIBUTED, "dpgauss --preset dp-tuned-local",  # + a node's own covariance
+                                    "dpgauss --preset dp-tuned-sums"])  # + weighted release parts
 def test_every_distributed_method_on_flower_equals_the_simulated_loop(tmp_path, method):
     db = write_db(tmp_path / "db", n=400, dim=16, n_classes=3, spread=2.5)
     dbs = write_client_dbs(db, tmp_path / "clients", 3)
