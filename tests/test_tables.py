@@ -69,6 +69,7 @@ def test_experiment_scripts_use_only_flags_train_py_knows(capsys):
     import re
     import subprocess
     from conftest import ROOT
+    from data import create_db
     from experiments import plots, tuning
     from federated.config import method_flags
     from federated.methods import METHODS
@@ -77,7 +78,7 @@ def test_experiment_scripts_use_only_flags_train_py_knows(capsys):
         train.parse_args(["--help"])
     known = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", capsys.readouterr().out))
     known |= {name for m in METHODS for fl in method_flags(m) for name in fl.names}
-    parsers = [tables.get_args_parser(), tuning.get_args_parser(),
+    parsers = [tables.get_args_parser(), tuning.get_args_parser(), create_db.get_args_parser(),
                *plots.get_args_parser()._subparsers._group_actions[0].choices.values()]
     known |= {s for p in parsers for a in p._actions for s in a.option_strings}
     scripts = sorted((ROOT / "experiments").glob("*/*.sh")) + sorted((ROOT / "experiments").glob("*.sh"))

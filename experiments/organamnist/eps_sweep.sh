@@ -9,7 +9,7 @@ cd "$(dirname "$0")/../.."
 DB=${DB:-assets/organamnist_vits14_224}
 OUT=${OUT:-results}
 SEEDS=${SEEDS:-3407}
-read -r -a rows <<< "${ROWS:-dpcvae dpcgan fedhypevae dpgauss:dp-tuned dpgauss:dp-tuned-local dpfedavg:mix}"
+read -r -a rows <<< "${ROWS:-dpcvae dpcgan fedhypevae dpgauss:dp-tuned dpgauss:dp-tuned-local dpgauss:dp-tuned-sums dpfedavg:mix}"
 for row in "${rows[@]}" local:balanced; do
   method=${row%%:*}
   preset=()
