@@ -134,10 +134,13 @@ def method_parser(name: str, *, error_prefix: str | None = None, others: bool = 
     p = base_parser(error_prefix=error_prefix)
     own = method_flags(name)
     title = method_title(name)
-    presets, flag_of = presets_of(name), {fl.dest: fl.names[0] for fl in own}
+    # a preset sets the method's settings and may set the run's plan (e.g. --rounds: fewer, larger DP steps)
+    general = {a.dest: a.option_strings[0] for a in p._actions
+               if a.option_strings and a.dest not in ("help", "method", "algorithm", "anonymizer", "preset")}
+    presets, flag_of = presets_of(name), {**general, **{fl.dest: fl.names[0] for fl in own}}
     for key, values in presets.items():
         if set(values) - set(flag_of):
-            raise TypeError(f"{name}'s preset {key!r} sets {sorted(set(values) - set(flag_of))}, not settings of {name}")
+            raise TypeError(f"{name}'s preset {key!r} sets {sorted(set(values) - set(flag_of))}, not flags of {name}")
 
     def shown(value: Any) -> str:
         return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
