@@ -165,3 +165,78 @@ def test_adam_on_the_hypernetwork_resumes_exactly_and_takes_effect(tiny_db, tmp_
     run_hv(tiny_db, tmp_path / "s", "--rounds", "3")
     sgd = results_of(tmp_path / "s", "fedhypevae")
     assert json.dumps(strip_timing(a)) != json.dumps(strip_timing(sgd))
+
+
+@pytest.mark.slow
+def test_dpstats_targets_are_accounted_noised_deterministic_and_resumable(tiny_db, tmp_path, monkeypatch):
+    """--meta-targets dpstats: the two DP-Gauss releases (centre, then centred class sums) are in every
+    client's ledger, recomputed by a fresh accountant; what crosses is their noised sums; a run is
+    deterministic and resumes exactly; the targets change the meta-code fit."""
+    import math
+    from federated import dpstats
+    from federated.channel import Channel
+    from data.database import load_database
+    from federated.clients import build_clients
+    from federated.config import parse_args, split_config
+    from tests.test_federated import FAST
+    seen, original = [], Channel.deliver
+
+    def spy(self, client_id, kind, payload):
+        if kind == "release":
+            seen.append({k: v.clone() for k, v in payload.items()})
+        return original(self, client_id, kind, payload)
+    monkeypatch.setattr(Channel, "deliver", spy)
+    run_hv(tiny_db, tmp_path / "a", "--meta-targets", "dpstats", "--epsilon", "2.0", "--stats-noise", "4")
+    monkeypatch.setattr(Channel, "deliver", original)
+    res = results_of(tmp_path / "a", "fedhypevae")
+    sigmas = [4 / math.sqrt(0.25), 4 / math.sqrt(0.75)]
+    assert res["meta_code"]["targets"] == "dpstats" and res["meta_code"]["stats_noise_multipliers"] == pytest.approx(sigmas)
+    for c in res["privacy"]["clients"]:
+        assert [r["what"] for r in c["releases"]] == ["n_train", "centre", "class_stats"]
+        assert [h[0] for h in c["history"][-2:]] == pytest.approx(sigmas)
+        acc = RDPAccountant()
+        for sigma, q, steps in c["history"]:
+            for _ in range(steps):
+                acc.step(noise_multiplier=sigma, sample_rate=q)
+        assert c["epsilon_spent"] == pytest.approx(acc.get_epsilon(delta=1e-4), rel=1e-6) and c["epsilon_spent"] <= 2.0
+    centres = [p["centre"] for p in seen if "centre" in p]
+    stats = [p["class_stats"] for p in seen if "class_stats" in p]
+    assert len(centres) == len(stats) == 3 and all(set(p) in ({"centre"}, {"class_stats"}) for p in seen)
+    centre = dpstats.centre_of(sum(centres), 10.0, 0.5)  # as the server pools them
+    db = load_database(tiny_db)
+    clients = build_clients(db, split_config(parse_args(["--db", str(tiny_db), *FAST])), 1, torch.device("cpu"))
+    k = int(db.labels.max()) + 1
+    weights = dpstats.PartWeights(0.1, 0.0, 0.5)
+    for c, sent_centre, sent in zip(clients, centres, stats):
+        assert (sent_centre - dpstats.centre_sums(c.x_train, 10.0)).norm() > 1.0
+        noise = sent - dpstats.class_sums(c.x_train, c.y_train, centre, k, 10.0, weights)
+        assert float(noise.std()) == pytest.approx(sigmas[1] * weights.sensitivity, rel=0.2)
+    run_interrupted_then_resumed(run_hv, tiny_db, tmp_path / "b", "--meta-targets", "dpstats", "--epsilon", "2.0",
+                                 "--stats-noise", "4")
+    b = results_of(tmp_path / "b", "fedhypevae")
+    assert json.dumps(strip_timing(res)) == json.dumps(strip_timing(b))
+    run_hv(tiny_db, tmp_path / "s", "--epsilon", "2.0", "--stats-noise", "4")
+    assert results_of(tmp_path / "s", "fedhypevae")["meta_code"]["fit_loss"] != res["meta_code"]["fit_loss"]
+
+
+def test_dpstats_targets_without_noise_are_the_class_moments():
+    """Noise-free dpstats targets: the DP class model's draws reproduce each class's mean direction."""
+    from types import SimpleNamespace
+    from federated import dpstats
+    from federated.methods.fedhypevae import FedHypeVAE
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 12, generator=gen) * 0.3 + torch.ones(12) * 2
+    y = torch.arange(3).repeat_interleave(400)
+    x = centres[y] + 0.05 * torch.randn(len(y), 12, generator=gen)
+    weights = dpstats.PartWeights(0.1, 0.0, 0.5)
+    centre = dpstats.centre_of(dpstats.centre_sums(x, 10.0), 10.0, 5.0)  # a radius that clips nothing
+    pooled = dpstats.class_sums(x, y, centre, 3, 10.0, weights)
+    fake = SimpleNamespace(ctx=SimpleNamespace(n_classes=3, dim=12), cfg=SimpleNamespace(meta_pca_dims=12),
+                           centre=centre, part_weights=weights)
+    mean, var, counts = FedHypeVAE.dpstats_targets(fake, pooled, torch.Generator().manual_seed(1))
+    assert counts.tolist() == pytest.approx([400, 400, 400])
+    # no class norms are released (norm weight 0): the targets keep each class's direction, not its norm
+    means = torch.stack([x[y == c].mean(0) for c in range(3)])
+    for c in range(3):
+        assert (mean[c] / mean[c].norm() - means[c] / means[c].norm()).norm() < 2e-3
+        assert 0 < var[c].mean() < float(x.var(0).mean())  # within a class: less than the whole spread

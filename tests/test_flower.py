@@ -327,12 +327,13 @@ EXTRA = {"dpcvae": SMALL_DP, "dpcgan": SMALL_DP,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [*DISTRIBUTED, "dpgauss --preset dp-tuned-local",  # + a node's own covariance
-                                    "dpgauss --preset dp-tuned-sums"])  # + weighted release parts
+                                    "dpgauss --preset dp-tuned-sums",  # + weighted release parts
+                                    "fedhypevae --meta-targets dpstats"])  # + release stages after training
 def test_every_distributed_method_on_flower_equals_the_simulated_loop(tmp_path, method):
     db = write_db(tmp_path / "db", n=400, dim=16, n_classes=3, spread=2.5)
     dbs = write_client_dbs(db, tmp_path / "clients", 3)
     flags = (f"--method {method} --rounds 2 --seed {SEED} --n-clients 3 --downstream-epochs 10 --randomness seeded "
-             f"{EXTRA.get(method, '')}")
+             f"{EXTRA.get(method.split()[0], '')}")
     method = method.split()[0]
     run_dir, flower = in_process_run(dbs, f"{flags} --out {tmp_path / 'flower'}")
     sim = simulated(db, tmp_path / "sim", flags)
@@ -345,7 +346,7 @@ def test_every_distributed_method_on_flower_equals_the_simulated_loop(tmp_path, 
         assert flower["privacy"]["epsilon_spent_max"] == sim["privacy"]["epsilon_spent_max"]
         assert flower["privacy"]["clients"] == [{"id": c["id"], "epsilon_spent": c["epsilon_spent"]} for c in sim["privacy"]["clients"]]
     if method == "fedhypevae":
-        assert all(n["meta_code"] == sim["meta_code"] for n in nodes)
+        assert all(n["meta_code"] == sim["meta_code"] for n in nodes), ([n["meta_code"] for n in nodes], sim["meta_code"])
 
 
 @pytest.mark.slow

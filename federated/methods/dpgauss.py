@@ -117,14 +117,6 @@ class DPGauss(Anonymizer):
                                 self.privacy)
         return [sigma] * len(self.ctx.clients)
 
-    def noisy(self, i: int, sums: torch.Tensor, what: str, sigma: float, sensitivity: float) -> torch.Tensor:
-        """The Gaussian mechanism: noise std sigma x the sums' L2 sensitivity, one ledger entry."""
-        if not self.privacy.enabled:
-            return sums
-        self.accountants[i].release(what, sigma)
-        noise = torch.randn(sums.shape, generator=self.noise_gens[i], dtype=torch.float64)
-        return sums + sigma * sensitivity * noise.to(sums.device)
-
     # --- the protocol -------------------------------------------------------------------------------------
     def client_release(self, i: int, stage: int = 0) -> dict[str, torch.Tensor]:
         c = self.ctx.clients[i]
@@ -132,11 +124,11 @@ class DPGauss(Anonymizer):
         sigma_centre, sigma_stats = self.release_sigmas(self.noise_multipliers[i])
         if stage == 0:
             sums = dpstats.centre_sums(c.x_train, self.cfg.log_norm_range)
-            return {CENTRE: self.noisy(i, sums, CENTRE, sigma_centre, dpstats.CENTRE_SENSITIVITY)}
+            return {CENTRE: self.gaussian_release(i, sums, CENTRE, sigma_centre, dpstats.CENTRE_SENSITIVITY)}
         weights = self.cfg.weights
         sums = dpstats.class_sums(c.x_train, c.y_train, self.centre, self.ctx.n_classes, self.cfg.log_norm_range,
                                   weights)
-        return {STATS: self.noisy(i, sums, STATS, sigma_stats, weights.sensitivity)}
+        return {STATS: self.gaussian_release(i, sums, STATS, sigma_stats, weights.sensitivity)}
 
     def release_spec(self) -> dict[str, tuple[int, ...]]:
         d, k = self.ctx.dim, self.ctx.n_classes

@@ -115,6 +115,15 @@ class DPClients(FederatedMethod):
         """The noisy training steps the whole run will take (a subclass may add releases)."""
         return [(sigma, sample_rate, steps)]
 
+    def gaussian_release(self, i: int, sums: torch.Tensor, what: str, sigma: float, sensitivity: float) -> torch.Tensor:
+        """The Gaussian mechanism on one-off sums of client i: noise std sigma x their L2 sensitivity, one
+        ledger entry (float64 noise from its private stream)."""
+        if not self.privacy.enabled:
+            return sums
+        self.accountants[i].release(what, sigma)
+        noise = torch.randn(sums.shape, generator=self.noise_gens[i], dtype=torch.float64)
+        return sums + sigma * sensitivity * noise.to(sums.device)
+
     # --- DP-SGD ------------------------------------------------------------------------------
     def poisson_indices(self, i: int, gen: torch.Generator) -> torch.Tensor:
         return poisson_batch(self.ctx.clients[i].n_train, self.sample_rates[i], gen)

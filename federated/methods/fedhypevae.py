@@ -14,6 +14,12 @@ After training, every client releases DP-noisy per-class sums of clipped embeddi
 and counts (Gaussian mechanism, accounted in the same budget); the server fits a neutral meta-code
 v_o, or a mixture of K codes (Eq. 13), matching those class means and (diagonal) variances (Eq. 11),
 and the clients synthesise x ~ p_theta_o(x | z, y), z ~ p_omega_o(z | y) (Eq. 12).
+
+--meta-targets dpstats replaces those targets with DP-Gauss's well-conditioned statistics
+(federated/dpstats.py): the raw sums are clipped at a radius around the norms (~40 for ViT-S/14) while the
+classes differ by far less, so their noise buries the class means. Instead each client releases a DP centre,
+then class sums centred on the pooled centre and clipped to a multiple of its DP spread; the server pools
+them into the low-rank DP class model and fits the meta-code to that model's class means and variances.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import torch
 from torch import nn
 
 from data.flags import setting
+from federated import dpstats
 from data.io import UserError
 from federated.clients import make_generator
 from federated.methods.anonymizer import Anonymizer
@@ -59,11 +66,26 @@ class FedHypeVAEConfig(DPCVAEConfig):  # the CVAE's width, latent size and KL we
     meta_samples: int = setting(64, "decoded samples per class in the meta-code fit", metavar="N", minimum=1)
     stats_clip: float = setting(50.0, "L2 clip R of embeddings in the DP class statistics (ViT-S/14 norms lie in "
                                 "36-48)", metavar="R")
-    stats_noise: float = setting(20.0, "noise multiplier of the DP class statistics (accounted in the same budget)",
-                                 metavar="SIGMA")
+    stats_noise: float = setting(20.0, "noise multiplier of the DP class statistics (accounted in the same budget; "
+                                 "with --meta-targets dpstats that of the centre and statistics releases together, "
+                                 "split 1:3 in 1/sigma^2 as DP-Gauss's)", metavar="SIGMA")
+    meta_targets: str = setting("sums", "targets of the meta-code fit: sums (the paper's: class sums of embeddings "
+                                "clipped to --stats-clip, their squares and counts) or dpstats (DP-Gauss's centred "
+                                "statistics clipped to their DP spread, pooled into a low-rank DP class model; "
+                                "federated/dpstats.py)", choices=("sums", "dpstats"))
+    meta_clip_spread: float = setting(0.5, "dpstats: clip radius of the centred unit embeddings in units of their DP "
+                                      "spread (DP-Gauss's --clip-spread)", metavar="K")
+    meta_pca_dims: int = setting(64, "dpstats: DP-PCA directions of the class model (DP-Gauss's --pca-dims)",
+                                 metavar="K", minimum=1)
+    meta_part_weights: tuple[float, ...] = setting(
+        (0.1, 0.0, 0.5), "dpstats: weights of the counts, log-norms and second moment inside the class-statistics "
+        "release (DP-Gauss's --count-weight, --norm-weight, --moment-weight)", metavar="A,B,M")
 
 
 META_CODES, META_WEIGHTS, META_LOSS = "meta.codes", "meta.weights", "meta.fit_loss"  # keys of the final broadcast
+CENTRE, STATS = "centre", "class_stats"  # the releases (and their ledger entries)
+CENTRE_SHARE, LOG_NORM_RANGE = 0.25, 10.0  # dpstats: DP-Gauss's defaults (budget split; log-norm clip, any backbone)
+TARGET_SAMPLES = 1024  # dpstats: draws per class from the DP class model behind each class's target moments
 
 
 def project_(v: torch.Tensor, radius: float) -> None:
@@ -115,8 +137,14 @@ class FedHypeVAE(Anonymizer):
     def __init__(self, ctx: RunContext, cfg: FedHypeVAEConfig) -> None:
         if cfg.mmd_samples < 2:
             raise UserError(f"--mmd-samples must be >= 2 (the unbiased MMD needs pairs), got {cfg.mmd_samples}")
-        if cfg.meta_codes < 1 or cfg.code_radius <= 0 or cfg.stats_clip <= 0:
-            raise UserError("--meta-codes must be >= 1, --code-radius and --stats-clip > 0")
+        if cfg.meta_codes < 1 or cfg.code_radius <= 0 or cfg.stats_clip <= 0 or cfg.meta_clip_spread <= 0:
+            raise UserError("--meta-codes must be >= 1, --code-radius, --stats-clip and --meta-clip-spread > 0")
+        if len(cfg.meta_part_weights) != 3:
+            raise UserError(f"--meta-part-weights takes three weights A,B,M, got {cfg.meta_part_weights}")
+        try:
+            self_weights = dpstats.PartWeights(*cfg.meta_part_weights)
+        except ValueError as e:
+            raise UserError(f"--meta-part-weights: {e}") from None
         super().__init__(ctx, cfg)
         sizes = dict(latent=cfg.latent, hidden=cfg.hidden, code_dim=cfg.code_dim, hyper_hidden=cfg.hyper_hidden,
                      prior_hidden=cfg.prior_hidden, label_dim=cfg.label_dim)
@@ -138,6 +166,8 @@ class FedHypeVAE(Anonymizer):
         self.meta_codes: torch.Tensor | None = None
         self.meta_weights: torch.Tensor | None = None
         self.meta_fit_loss: float | None = None
+        self.part_weights = self_weights
+        self.centre: dpstats.Centre | None = None  # dpstats: the pooled DP centre, broadcast between the releases
 
     def new_hyper(self, gen: torch.Generator) -> HyperNetwork:
         cfg = self.cfg
@@ -148,8 +178,17 @@ class FedHypeVAE(Anonymizer):
             hyper.h_theta[-1].bias.zero_()
         return hyper.to(self.ctx.device)
 
+    @property
+    def release_stages(self) -> int:
+        return 2 if self.cfg.meta_targets == "dpstats" else 1
+
+    def stats_sigmas(self) -> tuple[float, ...]:
+        """The noise multipliers of the post-training releases."""
+        s = self.cfg.stats_noise
+        return (s / math.sqrt(CENTRE_SHARE), s / math.sqrt(1 - CENTRE_SHARE)) if self.release_stages == 2 else (s,)
+
     def planned_history(self, sigma: float, sample_rate: float, steps: int) -> list[tuple[float, float, int]]:
-        return [(sigma, sample_rate, steps), (self.cfg.stats_noise, 1.0, 1)]
+        return [(sigma, sample_rate, steps), *((s, 1.0, 1) for s in self.stats_sigmas())]
 
     # --- one round on one client ----------------------------------------------------------------
     def local_train(self, i: int, rnd: int) -> tuple[dict[str, torch.Tensor], float]:
@@ -207,12 +246,36 @@ class FedHypeVAE(Anonymizer):
             self.accountants[i].release("class_stats", self.cfg.stats_noise)
         return sums
 
+    def release_dpstats(self, i: int, stage: int) -> dict[str, torch.Tensor]:
+        """dpstats: the DP centre sums (stage 0), then the centred class sums (stage 1)."""
+        c, (sigma_centre, sigma_stats) = self.ctx.clients[i], self.stats_sigmas()
+        if stage == 0:
+            sums = dpstats.centre_sums(c.x_train, LOG_NORM_RANGE)
+            return {CENTRE: self.gaussian_release(i, sums, CENTRE, sigma_centre, dpstats.CENTRE_SENSITIVITY)}
+        sums = dpstats.class_sums(c.x_train, c.y_train, self.centre, self.ctx.n_classes, LOG_NORM_RANGE,
+                                  self.part_weights)
+        return {STATS: self.gaussian_release(i, sums, STATS, sigma_stats, self.part_weights.sensitivity)}
+
+    def dpstats_targets(self, pooled: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """dpstats: class means, diagonal variances (in embedding space) and noisy counts of the pooled DP
+        class model, from draws of it (post-processing)."""
+        k, d = self.ctx.n_classes, self.ctx.dim
+        model = dpstats.class_gaussians(pooled.double(), k, d, "lowrank", self.cfg.meta_pca_dims, LOG_NORM_RANGE,
+                                        self.centre, self.part_weights)
+        y = torch.arange(k).repeat_interleave(TARGET_SAMPLES)
+        x = dpstats.embeddings(model.sample(y, gen), y, self.centre, model).double().reshape(k, TARGET_SAMPLES, d)
+        return x.mean(1).float(), x.var(1).float(), model.counts.float()
+
     def fit_meta_codes(self, stats: torch.Tensor) -> None:
         """Eq. 11 (Eq. 13 for K > 1): codes whose decoded class means/variances match the released ones."""
         cfg, d, hyper = self.cfg, self.ctx.dim, self.global_hyper
-        mean, var = class_moments(stats, cfg.stats_clip)
-        classes = torch.nonzero(stats[:, -1] >= 20).squeeze(1)  # classes the federation (noisily) has
         gen = make_generator(self.ctx.seed, SERVER, META)
+        if cfg.meta_targets == "dpstats":
+            mean, var, counts = self.dpstats_targets(stats, gen)
+        else:
+            (mean, var), counts = class_moments(stats, cfg.stats_clip), stats[:, -1]
+        mean, var = mean.to(self.ctx.device), var.to(self.ctx.device)
+        classes = torch.nonzero(counts >= 20).squeeze(1)  # classes the federation (noisily) has
         codes = nn.Parameter(torch.randn(cfg.meta_codes, cfg.code_dim, generator=gen).to(self.ctx.device))
         logits = nn.Parameter(torch.zeros(cfg.meta_codes, device=self.ctx.device))
         project_(codes.data, cfg.code_radius)
@@ -247,14 +310,29 @@ class FedHypeVAE(Anonymizer):
         return hyper.decode(z, y, scales, shifts)
 
     def client_release(self, i: int, stage: int = 0) -> dict[str, torch.Tensor]:
-        return {"class_stats": self.release_class_stats(i)}
+        if self.cfg.meta_targets == "dpstats":
+            return self.release_dpstats(i, stage)
+        return {STATS: self.release_class_stats(i)}
 
     def release_spec(self) -> dict[str, tuple[int, ...]]:
-        return {"class_stats": (self.ctx.n_classes, 2 * self.ctx.dim + 1)}
+        k, d = self.ctx.n_classes, self.ctx.dim
+        if self.cfg.meta_targets == "dpstats":
+            return {CENTRE: (d + 2,), STATS: (dpstats.class_sums_size(k, d),)}
+        return {STATS: (k, 2 * d + 1)}
+
+    def absorb(self, stage: int, releases: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """dpstats: the pooled DP centre, broadcast before the class statistics."""
+        pooled = torch.stack([r[CENTRE].double() for r in releases]).sum(0)
+        broadcast = dpstats.centre_of(pooled, LOG_NORM_RANGE, self.cfg.meta_clip_spread).state()
+        self.receive_stage(stage, broadcast)  # the server fits on the centre exactly as the clients receive it
+        return broadcast
+
+    def receive_stage(self, stage: int, broadcast: dict[str, torch.Tensor]) -> None:
+        self.centre = dpstats.Centre.from_state(broadcast)
 
     def finalize(self, releases: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """The summed class statistics -> meta-code(s); broadcast with the final hypernetwork."""
-        self.fit_meta_codes(torch.stack([r["class_stats"] for r in releases]).sum(0))
+        self.fit_meta_codes(torch.stack([r[STATS] for r in releases]).sum(0))
         return {**self.shared_state(), META_CODES: self.meta_codes, META_WEIGHTS: self.meta_weights,
                 META_LOSS: torch.tensor(self.meta_fit_loss, dtype=torch.float64)}
 
@@ -290,5 +368,6 @@ class FedHypeVAE(Anonymizer):
     def report(self) -> dict:
         out = super().report()
         out["meta_code"] = {"k": self.cfg.meta_codes, "weights": [] if self.meta_weights is None else self.meta_weights.tolist(),
-                            "fit_loss": self.meta_fit_loss}
+                            "fit_loss": self.meta_fit_loss, "targets": self.cfg.meta_targets,
+                            "stats_noise_multipliers": list(self.stats_sigmas())}
         return out
