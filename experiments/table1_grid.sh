@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The Table 1 grid of one dataset: FedAvg, FedProx, FedLambda, DP-CGAN, DP-CVAE (the papers' plan and its DP-aware
-# preset), FedHypeVAE, DP-Gauss (defaults and its tuned presets), DP-FedAvg (alone and mixed with each client's local
-# model), Local, Local with the balanced downstream recipe and Centralized
+# preset), FedHypeVAE (likewise), DP-Gauss (defaults and its tuned presets), DP-FedAvg (alone and mixed with each
+# client's local model), Local, Local with the balanced downstream recipe and Centralized
 # x the splits in SPLITS x SEEDS, epsilon = 1, delta = 1e-4, then the tables and figures. experiments/<dataset>/table1.sh
 # picks the values: DATASET (name in the results path), DB, SPLITS (iid, dirichlet, natural), N_CLIENTS, OUT, SEEDS.
 # Finished runs are skipped and interrupted ones resume. Extra flags go to train.py (e.g. --threads 1). The rounds are
-# the default (50) unless a preset plans fewer (dpcvae:dp-tuned).
+# the default (50) unless a preset plans fewer (the dp-tuned presets of dpcvae and fedhypevae).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results}
@@ -13,9 +13,8 @@ SEEDS=${SEEDS:-3407 12345 202502}
 N_CLIENTS=${N_CLIENTS:-10}
 # method[:preset] (python train.py --method M --help lists a method's presets; the run folders' tag names them):
 # the papers' rows, DP-Gauss, the private-model yardstick DP-FedAvg and the strongest no-sharing one
-rows=(fedavg fedprox fedlambda local centralized dpcvae dpcvae:dp-tuned dpcgan fedhypevae dpgauss dpgauss:dp-tuned
-      dpgauss:dp-tuned-local dpgauss:dp-tuned-sums dpfedavg dpfedavg:mix
-      local:balanced)
+rows=(fedavg fedprox fedlambda local centralized dpcvae dpcvae:dp-tuned dpcgan fedhypevae fedhypevae:dp-tuned
+      dpgauss dpgauss:dp-tuned dpgauss:dp-tuned-local dpgauss:dp-tuned-sums dpfedavg dpfedavg:mix local:balanced)
 read -r -a splits <<< "$SPLITS"
 step=0
 for row in "${rows[@]}"; do

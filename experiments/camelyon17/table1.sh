@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Table 1 on the camelyon17 embeddings: 16 rows (experiments/table1_grid.sh) x {natural} x 3 seeds, 5 clients, epsilon = 1, delta = 1e-4
+# Table 1 on the camelyon17 embeddings: 17 rows (experiments/table1_grid.sh) x {natural} x 3 seeds, 5 clients, epsilon = 1, delta = 1e-4
 # -> results/tables/table1_camelyon17{,_release}.{md,csv} and results/figures/. DB=..., OUT=..., SEEDS="..." override;
 # extra flags go to train.py. Re-running continues an interrupted grid.
 set -euo pipefail
