@@ -11,7 +11,6 @@ alone. --split-seed points it at a tuning split, so that a choice it informs nev
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -3,6 +3,7 @@ epsilon is re-computed independently, and only weights cross the client->server 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -290,3 +291,49 @@ def test_empty_batch_clipped_sum_is_zero_and_its_step_is_pure_noise():
                       generator=torch.Generator().manual_seed(0))
     flat = torch.cat([g.flatten() for g in noisy.values()])
     assert flat.std().item() == pytest.approx(2.0 * 1.5 / 4.0, rel=0.05)
+
+
+def test_cosine_schedule_runs_from_the_rate_to_zero_by_position_in_the_run():
+    from types import SimpleNamespace
+    from federated.methods.dpsgd import DPClients, DPSGDConfig
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.Adam([p], lr=0.2)
+    fake = SimpleNamespace(sgd=DPSGDConfig(lr=0.2, steps=4, lr_schedule="cosine"), ctx=SimpleNamespace(rounds=3),
+                           local_steps=lambda i: 4)
+    lrs = []
+    for rnd in range(3):
+        for step in range(4):
+            DPClients.schedule_lr(fake, 0, rnd, step, opt)
+            lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.2) and all(a > b > 0 for a, b in zip(lrs, lrs[1:]))
+    assert lrs[6] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 11 / 12)))
+    fresh = torch.optim.Adam([p], lr=0.2)  # a rebuilt client (Flower, resume) lands on the same rate
+    DPClients.schedule_lr(fake, 0, 1, 2, fresh)
+    assert fresh.param_groups[0]["lr"] == pytest.approx(lrs[6])
+    constant = SimpleNamespace(sgd=DPSGDConfig(lr=0.2), ctx=fake.ctx, local_steps=fake.local_steps)
+    DPClients.schedule_lr(constant, 0, 2, 3, fresh)
+    assert fresh.param_groups[0]["lr"] == pytest.approx(0.1)  # constant leaves the optimiser alone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpcvae", "dpfedavg"])
+def test_a_step_budget_and_a_cosine_schedule_are_accounted_applied_and_resumable(tiny_db, tmp_path, method):
+    plan = ["--method", method, "--rounds", "3", "--epsilon", "2.0"]
+    budget = ["--gen-steps", "3", "--gen-lr-schedule", "cosine"] if method == "dpcvae" else \
+        ["--dp-steps", "3", "--dp-lr-schedule", "cosine"]
+    run_dp(tiny_db, tmp_path / "a", *plan, *budget)
+    run_interrupted_then_resumed(run_dp, tiny_db, tmp_path / "b", *plan, *budget)
+    run_dp(tiny_db, tmp_path / "c", *plan, *budget[:2])  # the same budget at a constant rate
+    a, b, c = (results_of(tmp_path / x, method) for x in "abc")
+    assert json.dumps(strip_timing(a)) == json.dumps(strip_timing(b))
+    losses = [[json.loads(line)["local_train_loss_mean"] for line in
+               next((tmp_path / x).glob(f"toy/{method}/*/seed=1/metrics.jsonl")).read_text().splitlines()] for x in "ac"]
+    assert losses[0] != losses[1]  # the rate falls after the first step
+    for client in a["privacy"]["clients"]:
+        assert client["steps"] == 3 * 3  # rounds x the budget, whatever the client's size
+        acc = RDPAccountant()
+        for sigma, q, steps in client["history"]:
+            for _ in range(steps):
+                acc.step(noise_multiplier=sigma, sample_rate=q)
+        assert client["epsilon_spent"] == pytest.approx(acc.get_epsilon(delta=1e-4), rel=1e-6)
+        assert client["epsilon_spent"] <= 2.0

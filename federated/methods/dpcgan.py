@@ -56,7 +56,8 @@ class DPCGAN(Anonymizer):
         client, G, D = self.ctx.clients[i], self.generators[i], self.discriminators[i]
         n_fake = max(1, round(self.expected_batch(i)))
         total, steps = 0.0, 0
-        for _ in range(self.cfg.gen.local_epochs * self.steps_per_epoch[i]):
+        for step in range(self.local_steps(i)):
+            self.schedule_lr(i, rnd, step, self.d_opts[i], self.g_opts[i])
             # discriminator: private gradient on real records + exact gradient on generated ones
             idx = self.poisson_indices(i, self.batch_gens[i]).to(self.ctx.device)
             x, y = client.x_train[idx], client.y_train[idx]

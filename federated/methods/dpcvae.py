@@ -51,7 +51,8 @@ class DPCVAE(Anonymizer):
         client, model, opt = self.ctx.clients[i], self.models[i], self.optimizers[i]
         model.train()
         total, steps = 0.0, 0
-        for _ in range(self.cfg.gen.local_epochs * self.steps_per_epoch[i]):
+        for step in range(self.local_steps(i)):
+            self.schedule_lr(i, rnd, step, opt)
             idx = self.poisson_indices(i, self.batch_gens[i]).to(self.ctx.device)
             x, y = client.x_train[idx], client.y_train[idx]
             eps = torch.randn(len(idx), self.cfg.latent, generator=self.latent_gens[i]).to(x)

@@ -85,9 +85,9 @@ class DPFedAvg(DPClients):
         self.model.load_state_dict(shared)
 
     def train_clients(self, indices: list[int], rnd: int) -> list[tuple[dict[str, torch.Tensor], float]]:
-        return [self.local_train(i) for i in indices]
+        return [self.local_train(i, rnd) for i in indices]
 
-    def local_train(self, i: int) -> tuple[dict[str, torch.Tensor], float]:
+    def local_train(self, i: int, rnd: int) -> tuple[dict[str, torch.Tensor], float]:
         """One round of client i: local epochs of DP-SGD steps (Adam on the noisy gradients, a fresh
         optimiser each round as FedAvg's) from the global model; sends the new model."""
         # a plain linear layer over pre-normalised inputs: the clipping hook sees the layer's real input
@@ -96,7 +96,8 @@ class DPFedAvg(DPClients):
         opt = torch.optim.Adam(model.parameters(), lr=self.sgd.lr, foreach=True)
         x_all, y_all = self.inputs(i), self.ctx.clients[i].y_train
         total, steps = 0.0, 0
-        for _ in range(self.sgd.local_epochs * self.steps_per_epoch[i]):
+        for step in range(self.local_steps(i)):
+            self.schedule_lr(i, rnd, step, opt)
             idx = self.poisson_indices(i, self.batch_gens[i]).to(self.ctx.device)
             x, y = x_all[idx], y_all[idx]
             grads, loss = self.private_gradients(i, model, lambda: F.cross_entropy(model(x), y, reduction="none"), len(idx))

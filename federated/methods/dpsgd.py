@@ -20,11 +20,18 @@ from federated.methods.base import BATCHES, NOISE, FederatedMethod, RunContext
 from federated.privacy import ClientAccountant, add_noise, calibrate_noise, clipped_grad_sum, epsilon_of
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class DPSGDConfig:
     lr: float = setting(1e-3, "Adam learning rate of the DP steps", metavar="LR")
     batch_size: int = setting(256, "expected (Poisson) batch size of the DP steps", metavar="N", minimum=1)
     local_epochs: int = setting(5, "local epochs per round", metavar="N", minimum=1)
+    steps: int = setting(0, "DP steps per client per round, a fixed budget whatever the client's size (0: local "
+                         "epochs x the client's batches per epoch)", metavar="N", minimum=0)
+    lr_schedule: str = setting("constant", "learning rate over each client's DP steps of the whole run: constant, or "
+                               "cosine (from the learning rate down to 0 at the last step)", choices=LR_SCHEDULES)
 
 
 class DPClients(FederatedMethod):
@@ -85,6 +92,21 @@ class DPClients(FederatedMethod):
             self._sample_rates = [1 / s for s in self.steps_per_epoch]
         return self._sample_rates
 
+    def local_steps(self, i: int) -> int:
+        """Client i's DP steps in one round (the accountant's plan is rounds x this)."""
+        return self.sgd.steps or self.sgd.local_epochs * self.steps_per_epoch[i]
+
+    def schedule_lr(self, i: int, rnd: int, step: int, *optimizers: torch.optim.Optimizer) -> None:
+        """Sets the learning rate of client i's `step`-th DP step of round `rnd` (0-based): a function of
+        the position in the run only, so a resumed or rebuilt (Flower) client continues the schedule."""
+        if self.sgd.lr_schedule == "constant":
+            return
+        per_round = self.local_steps(i)
+        scale = 0.5 * (1 + math.cos(math.pi * (rnd * per_round + step) / (self.ctx.rounds * per_round)))
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group.setdefault("initial_lr", group["lr"]) * scale
+
     def expected_batch(self, i: int) -> float:
         return self.sample_rates[i] * self.public_size(i)
 
@@ -102,9 +124,9 @@ class DPClients(FederatedMethod):
         if not self.privacy.enabled:
             return [0.0] * len(self.ctx.clients)
         count_sigma, calibrated, out = self.privacy.count_noise, {}, []
-        rates, steps = self.sample_rates, self.steps_per_epoch
+        rates = self.sample_rates
         for i in range(len(self.ctx.clients)):
-            q, total = rates[i], self.ctx.rounds * self.sgd.local_epochs * steps[i]
+            q, total = rates[i], self.ctx.rounds * self.local_steps(i)
             if (q, total) not in calibrated:  # clients with the same plan share one calibration
                 calibrated[q, total] = calibrate_noise(
                     lambda s: [(count_sigma, 1.0, 1), *self.planned_history(s, q, total)], self.privacy)

@@ -206,7 +206,8 @@ class FedHypeVAE(Anonymizer):
         cfg, client, model = self.cfg, self.ctx.clients[i], self.models[i]
         start = {k: v.detach().clone() for k, v in model.hyper.state_dict().items()}
         total, steps = 0.0, 0
-        for _ in range(cfg.gen.local_epochs * self.steps_per_epoch[i]):
+        for step in range(self.local_steps(i)):
+            self.schedule_lr(i, rnd, step, self.local_opts[i], self.hyper_opts[i])
             idx = self.poisson_indices(i, self.batch_gens[i]).to(self.ctx.device)
             x, y = client.x_train[idx], client.y_train[idx]
             eps = torch.randn(len(idx), cfg.latent, generator=self.latent_gens[i]).to(x)
