@@ -25,6 +25,7 @@ bound is optimistic: a ratio near 1 is unreachable for small models.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -64,12 +65,15 @@ def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def new_method(name: str, db, split: SplitConfig, rounds: int):
+def new_method(name: str, db, split: SplitConfig, rounds: int, batch_clients: bool = False):
     clients = build_clients(db, split, SEED, torch.device("cpu"))
     ctx = RunContext(clients=clients, n_classes=len(db.classes), dim=db.dim, seed=SEED, rounds=rounds,
                      device=torch.device("cpu"))
     cls = METHODS[name]
-    return cls(ctx, cls.Config())
+    cfg = cls.Config()
+    if batch_clients:  # --gen-batch-clients
+        cfg = dataclasses.replace(cfg, gen=dataclasses.replace(cfg.gen, batch_clients=True))
+    return cls(ctx, cfg)
 
 
 def epochs_per_round(cfg) -> int:
@@ -82,8 +86,9 @@ def epochs_per_round(cfg) -> int:
     return 0
 
 
-def measure(name: str, db_path: Path, n_clients: int, rounds: int, threads: int) -> dict:
-    """One method, in this process: a timed run, then FLOPs of one round and of the final phase."""
+def measure(name: str, db_path: Path, n_clients: int, rounds: int, threads: int, batch_clients: bool = False) -> dict:
+    """One method, in this process: a timed run, then FLOPs of one round and of the final phase (of the
+    clients one after another even when the timed run stacks them: padding is not useful work)."""
     torch.set_num_threads(threads)
     tic = time.perf_counter()
     # a process's one-off import, like torch's (opacus pulls in torch.distributed and scipy): reported on
@@ -93,7 +98,7 @@ def measure(name: str, db_path: Path, n_clients: int, rounds: int, threads: int)
     peak = matmul_flops_per_s()
     db = load_database(db_path)
     split = SplitConfig(kind="dirichlet", n_clients=n_clients, alpha=0.3)
-    method = new_method(name, db, split, rounds)
+    method = new_method(name, db, split, rounds, batch_clients)
     n_train = sum(c.n_train for c in method.ctx.clients)
     marks: dict[str, float] = {}
     finish = method.finish
@@ -123,7 +128,7 @@ def measure(name: str, db_path: Path, n_clients: int, rounds: int, threads: int)
     n_rounds = rounds if counted.federated else 0
     flops = n_rounds * round_flops + final_flops
     records = n_rounds * epochs_per_round(method.cfg) * n_train
-    return {"method": name, "wall_s": wall, "peak_rss_gb": rss_gb, "records_per_s": records / wall if records else None,
+    return {"method": name + (" (batched clients)" if batch_clients else ""), "wall_s": wall, "peak_rss_gb": rss_gb, "records_per_s": records / wall if records else None,
             "flops": flops, "round_flops": round_flops, "matmul_flops_per_s": peak, "bound_s": flops / peak,
             "ratio": wall / (flops / peak), "n_train": n_train, "n_clients": n_clients, "rounds": rounds,
             "dim": db.dim, "threads": threads, "bacc_mean": results["summary"]["bacc_mean"],
@@ -133,10 +138,10 @@ def measure(name: str, db_path: Path, n_clients: int, rounds: int, threads: int)
             "final_bound_s": final_flops / peak, "final_ratio": final / (final_flops / peak) if final_flops else None}
 
 
-def run_child(name: str, db_path: Path, n_clients: int, rounds: int, threads: int) -> dict:
+def run_child(name: str, db_path: Path, n_clients: int, rounds: int, threads: int, batch_clients: bool = False) -> dict:
     """measure() in a fresh process, so that each method's peak RSS is its own."""
     cmd = [sys.executable, __file__, "--child", name, "--db", str(db_path), "--clients", str(n_clients),
-           "--rounds", str(rounds), "--threads", str(threads)]
+           "--rounds", str(rounds), "--threads", str(threads), *(["--batch-clients"] if batch_clients else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise UserError(f"benchmark of {name} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
@@ -205,6 +210,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="print the table (and --grid-rounds bound) from earlier --json files instead of running")
     p.add_argument("--grid-rounds", type=int, default=None,
                    help="also print the FLOP lower bound of the Table 1 grid (x 2 splits x 3 seeds) at this many rounds")
+    p.add_argument("--batch-clients", action="store_true",
+                   help="time the methods with a stacked round (dpcvae) with --gen-batch-clients")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--db", type=Path, default=None, help=argparse.SUPPRESS)
     return p
@@ -214,7 +221,7 @@ def main(args: argparse.Namespace) -> int:
     if args.rounds < 1 or args.clients < 1:
         raise UserError("--rounds and --clients must be >= 1")
     if args.child:
-        print(json.dumps(measure(args.child, args.db, args.clients, args.rounds, args.threads)))
+        print(json.dumps(measure(args.child, args.db, args.clients, args.rounds, args.threads, args.batch_clients)))
         return 0
     if args.from_json:
         rows = []
@@ -246,7 +253,8 @@ def main(args: argparse.Namespace) -> int:
                 raise UserError(f"--real: {REAL_DB} is missing (a clone of this repository has it)")
             db = REAL_DB if args.real else synthetic(1)
             for name in args.methods:
-                rows.append(run_child(name, db, args.clients, args.rounds, args.threads))
+                rows.append(run_child(name, db, args.clients, args.rounds, args.threads,
+                                      args.batch_clients and getattr(METHODS[name], "STACKED", False)))
                 print(f"  {name}: {rows[-1]['wall_s']:.1f} s", flush=True)
             title = ("Embedded OrganAMNIST database" if args.real else
                      f"Synthetic workload: {args.samples:,} records, {args.dim}-d, {args.classes} classes") + \

@@ -273,6 +273,50 @@ def clipped_grad_sum(model: nn.Module, per_sample_loss: Callable[[], torch.Tenso
     return grads, norms
 
 
+def clipped_grad_sums_stacked(model: nn.Module, per_sample_loss: Callable[[], torch.Tensor], mask: torch.Tensor,
+                              max_grad_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """clipped_grad_sum for K models at once (models.stacked): per_sample_loss() is (K, B), the K
+    clients' Poisson batches padded to one length B, and mask (K, B) marks the real records (padding
+    contributes nothing). Every trainable parameter must sit in a StackedLinear applied once per record
+    (K: the copies that ran, models.stacked.select_rows). Returns {name: (K, *shape)} sums of clipped
+    per-record gradients and the (K, B) norms."""
+    layers = {name: m for name, m in model.named_modules() if type(m).__name__ == "StackedLinear"}
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, args, out):
+            if name in outputs:
+                raise TypeError(f"{name}: each layer must be applied once per record")
+            inputs[name], outputs[name] = args[0].detach(), out
+        return record
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        losses = per_sample_loss()
+    finally:
+        for h in handles:
+            h.remove()
+    names = [n for n in layers if n in outputs]
+    out_grads = torch.autograd.grad((losses * mask).sum(), [outputs[n] for n in names])
+    sq_norms = torch.zeros(mask.shape, device=mask.device)
+    for n, g in zip(names, out_grads):  # the per-record gradient of a layer is g a^T: |g|^2 |a|^2 (+ |g|^2, bias)
+        sq_norms += inputs[n].pow(2).sum(-1) * g.pow(2).sum(-1)
+        if layers[n].bias is not None:
+            sq_norms += g.pow(2).sum(-1)
+    norms = sq_norms.clamp(min=0).sqrt()
+    factors = clip_factors(norms, max_grad_norm) * mask
+    grads = {}
+    for n, g in zip(names, out_grads):
+        scaled = g * factors[..., None]
+        grads[f"{n}.weight"] = torch.bmm(scaled.transpose(1, 2), inputs[n])
+        if layers[n].bias is not None:
+            grads[f"{n}.bias"] = scaled.sum(1)
+    missing = {n for n, _ in model.named_parameters()} - set(grads)
+    if missing:
+        raise TypeError(f"clipped_grad_sums_stacked: the loss does not use {sorted(missing)}")
+    return grads, norms
+
+
 def per_sample_grads_vmap(model: nn.Module, loss_one: Callable, *batch: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-sample gradients {name: (B, *shape)} by torch.func: vmap over grad of the loss of one
     sample, loss_one(outputs_fn, *sample) where outputs_fn = lambda *inputs: model(*inputs)."""

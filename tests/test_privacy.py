@@ -11,6 +11,7 @@ from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 
+from data.io import UserError
 from federated.privacy import (PrivacyConfig, add_noise, calibrate_noise, clip_and_sum, clipped_grad_sum,
                                epsilon_of, per_sample_grads_vmap)
 from models.cvae import CVAE
@@ -51,6 +52,36 @@ def test_ghost_clipping_equals_vmap_per_sample_gradients():
     for name in reference:
         torch.testing.assert_close(fast[name], reference[name], rtol=1e-4, atol=1e-6)
     assert (norms > 2.3).any() and (norms < 2.3).any()  # clipping was active for some samples only
+
+
+def test_stacked_ghost_clipping_of_padded_batches_equals_each_model_alone():
+    from federated.privacy import clipped_grad_sums_stacked
+    from models.stacked import stack_modules, unshare
+    batches = [cvae_batch(n=n, seed=s) for n, s in ((12, 0), (5, 1), (0, 2))]  # uneven, one empty batch
+    models = [b[0] for b in batches]
+    alone = [clipped_grad_sum(m, lambda m=m, b=b: m.per_sample_loss(*b[1:], 0.1), max_grad_norm=2.3) if len(b[1])
+             else None for m, b in zip(models, batches)]
+    stacked = stack_modules(models)
+    mask = torch.zeros(3, 12)
+    padded = [torch.zeros(3, 12, *t.shape[1:], dtype=t.dtype) for t in batches[0][1:]]
+    for k, b in enumerate(batches):
+        mask[k, :len(b[1])] = 1
+        for full, t in zip(padded, b[1:]):
+            full[k, :len(t)] = t
+    sums, norms = clipped_grad_sums_stacked(stacked, lambda: stacked.per_sample_loss(*padded, 0.1), mask, 2.3)
+    for k, ref in enumerate(alone):
+        for name, p in models[k].named_parameters():
+            expected = torch.zeros_like(p) if ref is None else ref[0][name]
+            torch.testing.assert_close(sums[name][k], expected, rtol=1e-5, atol=1e-6)
+        if ref is not None:
+            torch.testing.assert_close(norms[k, :len(ref[1])], ref[1], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the models' parameters are views of the stack until unshared
+        models[1].decoder[0].weight.add_(1.0)
+    assert torch.equal(stacked.decoder[0].weight[1], models[1].decoder[0].weight)
+    unshare(models)
+    with torch.no_grad():
+        models[1].decoder[0].weight.add_(1.0)
+    assert not torch.equal(stacked.decoder[0].weight[1], models[1].decoder[0].weight)
 
 
 def test_equals_opacus_dpoptimizer_without_noise():
@@ -337,3 +368,25 @@ def test_a_step_budget_and_a_cosine_schedule_are_accounted_applied_and_resumable
                 acc.step(noise_multiplier=sigma, sample_rate=q)
         assert client["epsilon_spent"] == pytest.approx(acc.get_epsilon(delta=1e-4), rel=1e-6)
         assert client["epsilon_spent"] <= 2.0
+
+
+@pytest.mark.slow
+def test_batched_clients_equal_one_client_after_another_and_resume(tiny_db, tmp_path):
+    # uneven step counts (Dirichlet sizes at batch 16; the unit test above covers empty and padded batches)
+    plan = ["--method", "dpcvae", "--rounds", "3", "--gen-batch-size", "16", "--gen-local-epochs", "2",
+            "--gen-lr-schedule", "cosine"]
+    run_dp(tiny_db, tmp_path / "a", *plan)
+    run_interrupted_then_resumed(run_dp, tiny_db, tmp_path / "b", *plan, "--gen-batch-clients")
+    a, b = results_of(tmp_path / "a", "dpcvae"), results_of(tmp_path / "b", "dpcvae")
+    assert len({c["steps"] for c in a["privacy"]["clients"]}) > 1  # the clients' step counts differ
+    for x, y in zip(a["clients"], b["clients"]):
+        for key in ("acc", "bacc", "f1_macro"):
+            assert y[key] == pytest.approx(x[key], abs=1e-6)
+    assert b["privacy"]["clients"] == a["privacy"]["clients"]  # the same ledger, step by step
+    losses = [[json.loads(line)["local_train_loss_mean"] for line in
+               next((tmp_path / x).glob("toy/dpcvae/*/seed=1/metrics.jsonl")).read_text().splitlines()] for x in "ab"]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for x, y in zip(a["fidelity"]["overall"].values(), b["fidelity"]["overall"].values()):
+        assert y == pytest.approx(x, rel=1e-4, abs=1e-6)
+    with pytest.raises(UserError, match="no stacked step.*available for: dpcvae"):
+        run_dp(tiny_db, tmp_path / "c", "--method", "dpcgan", "--gen-batch-clients")

@@ -112,7 +112,14 @@ class Anonymizer(DPClients):
         return self.sample(i, y, gen)
 
     # --- round and downstream ----------------------------------------------------------------
+    def stacked_round(self, indices: list[int], rnd: int) -> list[tuple[dict[str, torch.Tensor], float]]:
+        """A round of the clients `indices` with their models stacked (DPClients.train_stacked), for a
+        method with STACKED = True."""
+        raise NotImplementedError
+
     def train_clients(self, indices: list[int], rnd: int) -> list[tuple[dict[str, torch.Tensor], float]]:
+        if self.cfg.gen.batch_clients and len(indices) > 1:
+            return self.stacked_round(indices, rnd)
         return [self.local_train(i, rnd) for i in indices]
 
     def synthesize(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,7 @@ class DPCVAEConfig(AnonymizerConfig):
 class DPCVAE(Anonymizer):
     name = "dpcvae"
     Config = DPCVAEConfig
+    STACKED = True
 
     def __init__(self, ctx: RunContext, cfg: DPCVAEConfig) -> None:
         super().__init__(ctx, cfg)
@@ -63,6 +64,19 @@ class DPCVAE(Anonymizer):
             if loss is not None:
                 total, steps = total + loss, steps + 1
         return {k: v.detach().clone() for k, v in model.decoder.state_dict().items()}, total / max(steps, 1)
+
+    def stacked_round(self, indices: list[int], rnd: int) -> list[tuple[dict[str, torch.Tensor], float]]:
+        for i in indices:
+            self.models[i].train()
+
+        def draw(i: int, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:  # local_train's draws, in its order
+            client = self.ctx.clients[i]
+            return client.x_train[idx], client.y_train[idx], torch.randn(
+                len(idx), self.cfg.latent, generator=self.latent_gens[i]).to(client.x_train)
+        losses = self.train_stacked(indices, rnd, self.models, [[opt] for opt in self.optimizers], draw,
+                                    lambda stacked, x, y, eps: stacked.per_sample_loss(x, y, eps, self.cfg.beta))
+        return [({k: v.detach().clone() for k, v in self.models[i].decoder.state_dict().items()}, loss)
+                for i, loss in zip(indices, losses)]
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.global_decoder.state_dict().items()}

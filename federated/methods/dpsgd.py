@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from data.flags import setting
+from data.io import UserError
 from federated.channel import SIZE_LEDGER
 from federated.clients import poisson_batch
 from federated.methods.base import BATCHES, NOISE, FederatedMethod, RunContext
@@ -32,15 +33,26 @@ class DPSGDConfig:
                          "epochs x the client's batches per epoch)", metavar="N", minimum=0)
     lr_schedule: str = setting("constant", "learning rate over each client's DP steps of the whole run: constant, or "
                                "cosine (from the learning rate down to 0 at the last step)", choices=LR_SCHEDULES)
+    batch_clients: bool = setting(False, "train the clients' DP steps together, their models stacked (one batched "
+                                  "matmul per layer instead of one per client; each keeps its own batches, clipping, "
+                                  "noise, optimiser and accountant; equal to one client after another up to float "
+                                  "rounding). Methods with a stacked step: dpcvae")
 
 
 class DPClients(FederatedMethod):
     """Per-client DP bookkeeping over cfg.privacy (a PrivacyConfig) and the DP-SGD plan `sgd`."""
 
     GENERATORS: tuple[str, ...] = ("noise_gens", "batch_gens")  # the private streams a checkpoint keeps
+    STACKED = False  # True where the method has a stacked round (train_stacked) for --gen-batch-clients
 
     def __init__(self, ctx: RunContext, cfg) -> None:
         super().__init__(ctx, cfg)
+        plan = getattr(cfg, "gen", None) or getattr(cfg, "sgd", None)  # None: no DP-SGD (one-shot DP-Gauss)
+        if plan is not None and plan.batch_clients and not self.STACKED:
+            from federated.methods import METHODS
+            able = ", ".join(sorted(n for n, m in METHODS.items() if getattr(m, "STACKED", False)))
+            raise UserError(f"--gen-batch-clients/--dp-batch-clients: {self.name} has no stacked step; drop the flag "
+                            f"(available for: {able})")
         self.privacy = cfg.privacy
         self.noise_gens = [ctx.private_generator(c.id, NOISE) for c in ctx.clients]
         self.batch_gens = [ctx.private_generator(c.id, BATCHES) for c in ctx.clients]
@@ -179,6 +191,61 @@ class DPClients(FederatedMethod):
             return losses[-1]
         summed, _ = clipped_grad_sum(model, recorded, self.clip_norm)
         return self.privatize(i, summed), float(losses[0].detach().mean())
+
+    def train_stacked(self, indices: list[int], rnd: int, models: list[torch.nn.Module],
+                      optimizers: list[list[torch.optim.Optimizer]], draw: Callable[[int, torch.Tensor], tuple],
+                      per_sample_loss: Callable[..., torch.Tensor]) -> list[float]:
+        """One round of DP-SGD for the clients `indices` at once: their models stacked into one
+        (models.stacked), one batched forward and ghost-clipped backward per step over their Poisson
+        batches padded to one length, then each client's own noise, accountant step and optimisers.
+        draw(i, idx): client i's per-record inputs for its batch idx (drawn from its private streams, in
+        the order its sequential loop draws them); per_sample_loss(stacked, *inputs) -> (K, B). A client
+        with fewer steps than another sits out (no draw, no noise, no step). Equals each client trained
+        alone up to the order of float sums. Returns each client's mean batch loss."""
+        from models.stacked import select_rows, stack_modules, unshare
+        from federated.privacy import clipped_grad_sums_stacked
+        device, k_all = self.ctx.device, len(indices)
+        chosen = [models[i] for i in indices]
+        stacked = stack_modules(chosen)
+        plan = [self.local_steps(i) for i in indices]
+        totals, counts = [0.0] * k_all, [0] * k_all
+        try:
+            for step in range(max(plan)):
+                # only the clients with a step left run (the others' copies are not computed)
+                active = [k for k in range(k_all) if step < plan[k]]
+                select_rows(stacked, None if len(active) == k_all else torch.tensor(active, device=device))
+                batches = [draw(indices[k], self.poisson_indices(indices[k], self.batch_gens[indices[k]]).to(device))
+                           for k in active]
+                width = max(len(b[0]) for b in batches)
+                mask = torch.zeros(len(active), width, device=device)
+                padded = [torch.zeros(len(active), width, *t.shape[1:], dtype=t.dtype, device=device) for t in batches[0]]
+                for j, batch in enumerate(batches):
+                    mask[j, :len(batch[0])] = 1
+                    for full, t in zip(padded, batch):
+                        full[j, :len(t)] = t
+                if width:
+                    losses = []
+
+                    def recorded() -> torch.Tensor:
+                        losses.append(per_sample_loss(stacked, *padded))
+                        return losses[-1]
+                    summed, _ = clipped_grad_sums_stacked(stacked, recorded, mask, self.clip_norm)
+                    batch_loss = ((losses[0].detach() * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+                for j, k in enumerate(active):
+                    i, n_records = indices[k], len(batches[j][0])
+                    own = {n: summed[n][j] if width else torch.zeros_like(p) for n, p in models[i].named_parameters()}
+                    grads = self.privatize(i, own)
+                    for n, p in models[i].named_parameters():
+                        p.grad = grads[n]
+                    self.schedule_lr(i, rnd, step, *optimizers[i])
+                    for opt in optimizers[i]:
+                        opt.step()
+                    if n_records:
+                        totals[k], counts[k] = totals[k] + batch_loss[j], counts[k] + 1
+        finally:
+            select_rows(stacked, None)
+            unshare(chosen)
+        return [t / max(c, 1) for t, c in zip(totals, counts)]
 
     # --- hooks of the round loop -------------------------------------------------------------
     def upload_weight(self, i: int) -> float:
