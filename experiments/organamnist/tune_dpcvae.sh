@@ -17,4 +17,15 @@ for point in 5x1:2048:3e-3:1.5 10x1:1024:3e-3:1.5 20x1:1024:1e-3:1.5 5x1:2048:1e
       --max-grad-norm "$clip" --tag "r${plan}_b${batch}_lr${lr}_c${clip}" --seeds "$seed" --out "$OUT" "$@"
   done
 done
+# around the winner (dp-tuned: 10 x 1, 1024, C 0.5): a cosine learning-rate schedule, which allows a larger first
+# rate, and a fixed budget of DP steps per round (0: local epochs x batches per epoch, 1-6 steps a round here)
+for point in 1e-2:0 1e-2:6; do
+  IFS=: read -r lr steps <<< "$point"
+  for seed in 3407 "${SECOND_SEED:-12345}"; do
+    "${PYTHON:-python}" train.py --db "$DB" --dataset-name organamnist --method dpcvae --split dirichlet --alpha 0.3 \
+      --n-clients 10 --split-seed 7 --epsilon 1.0 --delta 1e-4 --downstream-recipe balanced \
+      --rounds 10 --gen-local-epochs 1 --gen-batch-size 1024 --max-grad-norm 0.5 --gen-lr-schedule cosine \
+      --gen-lr "$lr" --gen-steps "$steps" --tag "r10x1_b1024_c0.5_cos_lr${lr}_s${steps}" --seeds "$seed" --out "$OUT" "$@"
+  done
+done
 "${PYTHON:-python}" experiments/tuning.py --results "$OUT" --method dpcvae --json "$OUT/dpcvae_ranking.json"
