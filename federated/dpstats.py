@@ -123,6 +123,14 @@ class ClassGaussians:
     def from_state(cls, state: dict[str, torch.Tensor]) -> ClassGaussians:
         return cls(**{k: state[k].double() for k in FIELDS})
 
+    def covariance(self) -> torch.Tensor:
+        """The shared within-class covariance that `sample` draws from (D, D)."""
+        d, k = self.means.shape[1], self.basis.shape[1]
+        if k == 0:
+            return torch.diag(self.scale.pow(2))
+        rest = torch.eye(d, dtype=self.basis.dtype) - self.basis @ self.basis.T
+        return self.basis @ self.chol @ self.chol.T @ self.basis.T + self.scale[:, None] * rest * self.scale[None, :]
+
     def sample(self, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         d, k = self.means.shape[1], self.basis.shape[1]
         z = torch.randn(len(y), d, generator=gen, dtype=torch.float64)
@@ -170,7 +178,7 @@ def class_gaussians(pooled: torch.Tensor, n_classes: int, dim: int, covariance: 
 
 
 def local_gaussians(x: torch.Tensor, y: torch.Tensor, centre: Centre, model: ClassGaussians, dims: int, *,
-                    pool_means: bool = False) -> ClassGaussians:
+                    pool_means: bool = False, shared_weight: float = 0.0) -> ClassGaussians:
     """A client's own model for the synthetic records it trains on (it never leaves the client): the
     pooled DP class means projected on the top `dims` directions of its own centred data v, with its own
     within-class covariance (full rank). Its real data estimate the shape of the classes far better than
@@ -178,7 +186,9 @@ def local_gaussians(x: torch.Tensor, y: torch.Tensor, centre: Centre, model: Cla
     pool_means: each class's mean is the DP mean and the client's own mean weighted by their inverse
     per-coordinate variances: the own mean's is its within-class variance / its count, the DP mean's noise
     is estimated from its part outside the top directions (where the class signal is small and the noise,
-    isotropic, is not)."""
+    isotropic, is not).
+    shared_weight: the covariance is (1 - w) x the client's own + w x the shared DP one (shrinkage towards
+    the federation's shape where the client's own estimate is poor: few records, missing classes)."""
     v = centred(x, centre).cpu()
     y = y.cpu()
     n_classes, dim = model.class_means.shape
@@ -194,6 +204,8 @@ def local_gaussians(x: torch.Tensor, y: torch.Tensor, centre: Centre, model: Cla
         own_var = within.trace() / dim / counts.clamp(min=1)
         w_dp, w_own = 1 / noise_var.clamp(min=1e-12), torch.where(counts > 0, 1 / own_var.clamp(min=1e-12), 0.0)
         means = (w_dp[:, None] * means + w_own[:, None] * local) / (w_dp + w_own)[:, None]
+    if shared_weight:
+        within = (1 - shared_weight) * within + shared_weight * model.covariance()
     values, rot = torch.linalg.eigh((within + within.T) / 2)
     return ClassGaussians(means @ top @ top.T, model.class_means, model.counts, model.log_norms, rot,
                           torch.diag(values.clamp(min=0).sqrt()), torch.zeros(dim, dtype=torch.float64))

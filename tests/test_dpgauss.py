@@ -105,6 +105,15 @@ def test_a_clients_local_model_has_its_own_within_class_covariance_and_the_proje
                               atol=0.05 * float(within(v).diagonal().max()))
     two = dpstats.local_gaussians(x, y, centre, shared, 2)
     assert torch.linalg.matrix_rank(two.means - two.means.mean(0)) <= 2
+    # the blend: w = 1 draws with the shared covariance, w = 0.5 halfway between the two
+    cov = lambda m: m.basis @ m.chol @ m.chol.T @ m.basis.T  # noqa: E731  (full-rank local models: no rest)
+    torch.testing.assert_close(cov(dpstats.local_gaussians(x, y, centre, shared, d, shared_weight=1.0)),
+                               shared.covariance())
+    half = cov(dpstats.local_gaussians(x, y, centre, shared, d, shared_weight=0.5))
+    torch.testing.assert_close(half, (cov(local) + shared.covariance()) / 2)
+    draws = shared.sample(torch.zeros(200_000, dtype=torch.long), torch.Generator().manual_seed(4))
+    torch.testing.assert_close(torch.cov(draws.T), shared.covariance(), atol=0.02 * float(shared.covariance().max()),
+                               rtol=0)  # covariance() is what sample() draws from
 
 
 def test_local_covariance_changes_only_the_clients_training_data_never_a_release_or_its_evaluation(tiny_db, tmp_path,

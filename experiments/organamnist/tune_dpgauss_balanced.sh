@@ -59,4 +59,12 @@ for abm in 0.3:0:1 0.3:0:0.5 0.3:0.3:0.5 0.1:0:0.5 0.3:0:0.25; do
       --seeds "$seed"
   done
 done
+# around dp-tuned-sums (2026-11-25): the client's records' covariance blended with the shared DP one (weight W)
+for w in 0.25 0.5; do
+  for seed in 3407 "${SECOND_SEED:-12345}"; do
+    tune --downstream-synthetic-weights 0.03 --clip-spread 0.5 --pca-dims 64 --local-covariance --local-dims 128 \
+      --count-weight 0.1 --norm-weight 0 --moment-weight 0.5 --local-blend "$w" \
+      --tag "local_w0.03_m128_cw0.1_nw0_mw0.5_blend${w}" --seeds "$seed"
+  done
+done
 "${PYTHON:-python}" experiments/tuning.py --results "$OUT" --method dpgauss --json "$OUT/dpgauss_balanced_ranking.json"

@@ -64,6 +64,8 @@ class DPGaussConfig(SynthesizerConfig):
     local_means: str = setting("dp", "class means of --local-covariance's records: dp (the pooled DP means) or pooled "
                                "(the DP mean and the client's own, weighted by their inverse variances)",
                                choices=("dp", "pooled"))
+    local_blend: float = setting(0.0, "with --local-covariance: weight w of the shared DP covariance in the client's "
+                                 "records' covariance, (1 - w) own + w shared (0: its own alone)", metavar="W")
     count_weight: float = setting(1.0, "weight of the class counts inside the class-statistics release (the class "
                                   "sums' is 1): a smaller one leaves more of the budget to the sums", metavar="A")
     norm_weight: float = setting(1.0, "weight of the class log-norms inside that release; 0 releases none (each "
@@ -76,6 +78,8 @@ class DPGaussConfig(SynthesizerConfig):
         from data.io import UserError
         if not 0 < self.centre_share < 1 or self.clip_spread <= 0 or self.log_norm_range <= 0:
             raise UserError("--centre-share must lie in (0, 1), --clip-spread and --log-norm-range must be > 0")
+        if not 0 <= self.local_blend <= 1:
+            raise UserError(f"--local-blend must lie in [0, 1], got {self.local_blend}")
         if self.count_weight <= 0 or self.moment_weight <= 0 or self.norm_weight < 0:
             raise UserError("--count-weight and --moment-weight must be > 0, --norm-weight >= 0")
 
@@ -163,7 +167,7 @@ class DPGauss(Anonymizer):
             return self.sample(i, y, gen)
         c = self.ctx.clients[i]
         model = dpstats.local_gaussians(c.x_train, c.y_train, self.centre, self.model, self.cfg.local_dims,
-                                        pool_means=self.cfg.local_means == "pooled")
+                                        pool_means=self.cfg.local_means == "pooled", shared_weight=self.cfg.local_blend)
         return dpstats.embeddings(model.sample(y, gen), y, self.centre, model).to(self.ctx.device)
 
     # --- what a federated method must also say ------------------------------------------------------------
