@@ -1,6 +1,7 @@
 """What every method with a DP promise shares: one accountant per client, the noisy size release that
 sets its aggregation weight and sampling rate, a noise multiplier calibrated to the whole run, the
-DP-SGD step (Poisson batch, exact per-record clipping, Gaussian noise) and the privacy block of
+DP-SGD step (Poisson batch, exact per-record clipping, Gaussian noise), optionally several clients' steps
+stacked into batched matmuls (train_stacked), and the privacy block of
 results.json. The anonymizers (a DP-trained generator) and DP-FedAvg (a DP-trained classifier) build
 on it; a subclass names its DP-SGD settings through `sgd` and its extra ledger entries through
 `planned_history`.
@@ -18,7 +19,9 @@ from data.io import UserError
 from federated.channel import SIZE_LEDGER
 from federated.clients import poisson_batch
 from federated.methods.base import BATCHES, NOISE, FederatedMethod, RunContext
-from federated.privacy import ClientAccountant, add_noise, calibrate_noise, clipped_grad_sum, epsilon_of
+from federated.privacy import (ClientAccountant, add_noise, calibrate_noise, clipped_grad_sum,
+                               clipped_grad_sums_stacked, epsilon_of)
+from models.stacked import select_rows, stack_modules, unshare
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -49,7 +52,7 @@ class DPClients(FederatedMethod):
         super().__init__(ctx, cfg)
         plan = getattr(cfg, "gen", None) or getattr(cfg, "sgd", None)  # None: no DP-SGD (one-shot DP-Gauss)
         if plan is not None and plan.batch_clients and not self.STACKED:
-            from federated.methods import METHODS
+            from federated.methods import METHODS  # here: the registry imports this module
             able = ", ".join(sorted(n for n, m in METHODS.items() if getattr(m, "STACKED", False)))
             raise UserError(f"--gen-batch-clients/--dp-batch-clients: {self.name} has no stacked step; drop the flag "
                             f"(available for: {able})")
@@ -202,8 +205,6 @@ class DPClients(FederatedMethod):
         the order its sequential loop draws them); per_sample_loss(stacked, *inputs) -> (K, B). A client
         with fewer steps than another sits out (no draw, no noise, no step). Equals each client trained
         alone up to the order of float sums. Returns each client's mean batch loss."""
-        from models.stacked import select_rows, stack_modules, unshare
-        from federated.privacy import clipped_grad_sums_stacked
         device, k_all = self.ctx.device, len(indices)
         chosen = [models[i] for i in indices]
         stacked = stack_modules(chosen)
