@@ -131,7 +131,9 @@ RELEASE_METRICS = [  # (header, path into results.json, scale)
     ("MMD²", ("fidelity", "overall", "mmd2"), 1), ("DCR AUC", ("audit", "dcr", "auc"), 1),
     ("density-ratio AUC", ("audit", "density_ratio", "auc"), 1),
     # the audit's power: the same DCR attack on a leaking canary release (docs/privacy.md); "–" for older runs
-    ("canary DCR AUC", ("audit", "canary", "dcr", "auc"), 1)]
+    ("canary DCR AUC", ("audit", "canary", "dcr", "auc"), 1),
+    # the same DCR attack's chance level: unseen reference records against the held-out ones ("–" for older runs)
+    ("null DCR AUC", ("audit", "null", "dcr", "auc"), 1)]
 
 
 def dig(res: dict, path: tuple[str, ...]):

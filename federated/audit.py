@@ -89,14 +89,22 @@ def attacks(candidates: torch.Tensor, n_members: int, synthetic: torch.Tensor, d
 def membership_audit(members: torch.Tensor, non_members: torch.Tensor, synthetic: torch.Tensor,
                      reference: torch.Tensor, cfg: ReleaseEvalConfig, gen: torch.Generator) -> dict:
     """Both attacks on balanced member / non-member candidate sets (each subsampled to the smaller
-    size), against the whole synthetic release and against the canary release (the audit's power)."""
+    size), against the whole synthetic release and against the canary release (the audit's power), and
+    the DCR attack's chance level on this data ("null": reference records, which no generator saw, as
+    "members" against the same held-out records: small or unevenly split data move it off 0.5, and a
+    release's AUC is read against it)."""
     members, non_members = members.cpu().float(), non_members.cpu().float()
     synthetic, reference = synthetic.cpu().float(), reference.cpu().float()
     n = min(len(members), len(non_members), cfg.max_samples)
     candidates = torch.cat([members[subsample(len(members), n, gen)], non_members[subsample(len(non_members), n, gen)]])
     canary = canary_release(members, gen)
     density_ratio = DensityRatio(candidates, reference, cfg.density_dims)
-    return {"n_members": n, "n_non_members": n, "n_synthetic": len(synthetic), "n_reference": len(reference),
-            **attacks(candidates, n, synthetic, density_ratio),
-            "canary": {"noise_std_fraction": CANARY_NOISE, "n_synthetic": len(canary),
-                       **attacks(candidates, n, canary, density_ratio)}}
+    out = {"n_members": n, "n_non_members": n, "n_synthetic": len(synthetic), "n_reference": len(reference),
+           **attacks(candidates, n, synthetic, density_ratio),
+           "canary": {"noise_std_fraction": CANARY_NOISE, "n_synthetic": len(canary),
+                      **attacks(candidates, n, canary, density_ratio)}}
+    m = min(len(reference), len(non_members), cfg.max_samples)  # drawn last: the numbers above stay as they were
+    unseen = torch.cat([reference[subsample(len(reference), m, gen)], non_members[subsample(len(non_members), m, gen)]])
+    scores = dcr_scores(unseen, synthetic)
+    out["null"] = {"n_per_side": m, "dcr": attack_metrics(scores[:m], scores[m:])}
+    return out

@@ -81,6 +81,11 @@ def test_audit_catches_a_copying_generator_and_not_an_independent_one():
     fresh = membership_audit(members, non_members, population(3200, 4), reference, cfg, torch.Generator().manual_seed(0))
     for attack in ("dcr", "density_ratio"):
         assert abs(fresh[attack]["auc"] - 0.5) < 0.06, (attack, fresh[attack])
+    # the chance level of unseen against held-out records: 0.5 for exchangeable splits, even for the copying
+    # generator (it copies neither), and off 0.5 when the held-out split differs (no membership involved)
+    assert abs(copied["null"]["dcr"]["auc"] - 0.5) < 0.06 and copied["null"]["n_per_side"] == 800
+    shifted = membership_audit(members, non_members * 1.3, population(3200, 4), reference, cfg, torch.Generator().manual_seed(0))
+    assert shifted["null"]["dcr"]["auc"] > 0.6
 
 
 @pytest.mark.slow
@@ -102,6 +107,8 @@ def test_canary_a_generator_returning_its_training_records_plus_5pct_noise_is_de
     fresh = membership_audit(members[0::3], members[1::3], members[2::3], reference,
                              ReleaseEvalConfig(), torch.Generator().manual_seed(0))
     assert abs(fresh["dcr"]["auc"] - 0.5) < 0.06 and fresh["canary"]["dcr"]["auc"] >= 0.95
+    # the chance level: unseen reference records against held-out ones, neither in any release
+    assert abs(report["null"]["dcr"]["auc"] - 0.5) < 0.06 and report["null"]["n_per_side"] > 0
 
 
 def test_subsample_is_seeded_and_bounded():

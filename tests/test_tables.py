@@ -46,6 +46,7 @@ def test_tagged_runs_are_their_own_rows_and_release_table(tmp_path):
     later = json.loads(json.dumps(release))
     later["fidelity"]["tstr"]["bacc"], later["audit"]["dcr"]["auc"] = 0.7, 0.6
     later["audit"]["canary"] = {"dcr": {"auc": 0.98}}  # the audit's power (runs before it have none)
+    later["audit"]["null"] = {"dcr": {"auc": 0.51}}  # its chance level (likewise)
     write_result(tmp_path, "dpcvae", 1, "dirichlet", [0.5, 0.7], eps=0.98, extra=release)
     write_result(tmp_path, "dpcvae", 2, "dirichlet", [0.5, 0.7], eps=0.99, extra=later)
     write_result(tmp_path, "dpcvae", 1, "dirichlet", [0.9, 0.9], eps=3.9, tag="eps4")
@@ -57,7 +58,7 @@ def test_tagged_runs_are_their_own_rows_and_release_table(tmp_path):
     rel = out.with_name("t1_release.md").read_text().splitlines()
     assert len(rel) == 3  # the tagged run has no fidelity block
     assert rel[2].startswith("| DP-CVAE | organamnist | α = 0.3 | 2 | 60 ± 10 | 0.2 ± 0 | 0.4 ± 0 |")
-    assert rel[2].endswith("| 0.55 ± 0.05 | 0.52 ± 0 | 0.98 ± 0 |")
+    assert rel[2].endswith("| 0.55 ± 0.05 | 0.52 ± 0 | 0.98 ± 0 | 0.51 ± 0 |")
 
 
 def test_no_results_is_a_clear_error(tmp_path):
