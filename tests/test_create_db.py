@@ -222,3 +222,15 @@ def test_a_corrupt_manifest_says_how_to_recreate_and_that_advice_works(tmp_path)
         load_database(tmp_path / "db")
     build(tmp_path, dataset)  # the advice: the same create_db command again
     np.testing.assert_array_equal(load_database(tmp_path / "db").embeddings, good)
+
+
+def test_the_digits_image_folder_is_read_by_the_imagefolder_loader(tmp_path):
+    """experiments/digits/prepare.py writes scikit-learn's bundled digits in the image-folder format."""
+    from data.datasets import load_imagefolder
+    from experiments.digits import prepare
+    assert prepare.main(prepare.get_args_parser().parse_args(["--out", str(tmp_path)])) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["split"] == {"train": 1078, "val": 359, "test": 360}
+    source = load_imagefolder(DatasetConfig(name="imagefolder", root=tmp_path, split_col="split"))
+    assert source.classes == [str(d) for d in range(10)] and len(source.splits["test"].labels) == 360
+    assert np.bincount(source.splits["train"].labels).min() >= 100  # stratified: every digit in every split
