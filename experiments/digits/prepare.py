@@ -5,7 +5,6 @@ presets transfer to another domain, another number of classes and much smaller c
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
