@@ -200,6 +200,30 @@ def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus's flat clipping
 
 
+def recorded_layers(layers: dict[str, nn.Module], per_sample_loss: Callable[[], torch.Tensor], *, dims: int
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None], dict[str, torch.Tensor]]:
+    """per_sample_loss() with every layer's input (a matrix layer's; None for a row layer) and output
+    recorded, for ghost clipping: each layer applied once, to `dims`-dimensional (..., rows, features)."""
+    inputs: dict[str, torch.Tensor | None] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, args, out):
+            if name in outputs or out.dim() != dims:
+                raise TypeError(f"{name}: each layer must be applied once, to {dims}-d (..., rows, features)")
+            matrix = isinstance(module, nn.Linear) or type(module).__name__ == "StackedLinear"
+            inputs[name] = args[0].detach() if matrix else None
+            outputs[name] = out
+        return record
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        losses = per_sample_loss()
+    finally:
+        for h in handles:
+            h.remove()
+    return losses, inputs, outputs
+
+
 def clipped_grad_sum(model: nn.Module, per_sample_loss: Callable[[], torch.Tensor],
                      max_grad_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """sum_i clip(grad_i, C) over the B records of a batch, for every trainable parameter of `model`,
@@ -217,22 +241,7 @@ def clipped_grad_sum(model: nn.Module, per_sample_loss: Callable[[], torch.Tenso
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if trainable - covered:
         raise TypeError(f"clipped_grad_sum handles Linear/RowBias/RowParameter parameters, not {sorted(trainable - covered)}")
-    inputs: dict[str, torch.Tensor | None] = {}
-    outputs: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def record(module, args, out):
-            if name in outputs or out.dim() != 2:
-                raise TypeError(f"{name}: each layer must be applied once, to (rows, features)")
-            inputs[name] = args[0].detach() if isinstance(module, nn.Linear) else None
-            outputs[name] = out
-        return record
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    try:
-        losses = per_sample_loss()
-    finally:
-        for h in handles:
-            h.remove()
+    losses, inputs, outputs = recorded_layers(layers, per_sample_loss, dims=2)
     n_records = len(losses)
     if n_records == 0:  # an empty Poisson batch: a zero sum (the caller adds the noise, as Opacus does)
         return ({n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad},
@@ -281,21 +290,7 @@ def clipped_grad_sums_stacked(model: nn.Module, per_sample_loss: Callable[[], to
     (K: the copies that ran, models.stacked.select_rows). Returns {name: (K, *shape)} sums of clipped
     per-record gradients and the (K, B) norms."""
     layers = {name: m for name, m in model.named_modules() if type(m).__name__ == "StackedLinear"}
-    inputs: dict[str, torch.Tensor] = {}
-    outputs: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def record(module, args, out):
-            if name in outputs:
-                raise TypeError(f"{name}: each layer must be applied once per record")
-            inputs[name], outputs[name] = args[0].detach(), out
-        return record
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    try:
-        losses = per_sample_loss()
-    finally:
-        for h in handles:
-            h.remove()
+    losses, inputs, outputs = recorded_layers(layers, per_sample_loss, dims=3)
     names = [n for n in layers if n in outputs]
     out_grads = torch.autograd.grad((losses * mask).sum(), [outputs[n] for n in names])
     sq_norms = torch.zeros(mask.shape, device=mask.device)
