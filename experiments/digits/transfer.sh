@@ -4,8 +4,9 @@
 # through ImageNet EfficientNet-Lite0 (1280-d, 128 px), 5 clients (about 215 training records each), Dirichlet
 # alpha = 0.3, epsilon = 1, delta = 1e-4: Local and Local [balanced] beside DP-FedAvg [balanced_mix] and DP-Gauss's
 # presets, then the tables. WEIGHTS=... points at the checkpoint (default: ../shared/weights; without it timm
-# downloads ImageNet weights), IMAGES=..., DB=..., OUT=... override, SEEDS="..." sets the seeds; extra flags go to
-# train.py (e.g. --threads 1). Re-running continues (the images and the database too).
+# downloads ImageNet weights), IMAGES=..., DB=..., OUT=... override, SEEDS="..." sets the seeds, EPSILON the DP
+# rows' budget (another than 1 adds tagged rows, e.g. [balanced_dp-tuned-sums_eps4]); extra flags go to train.py
+# (e.g. --threads 1). Re-running continues (the images and the database too).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 IMAGES=${IMAGES:-results/datasets/digits}
@@ -22,7 +23,7 @@ for row in local local:balanced dpfedavg:mix dpgauss:dp-tuned dpgauss:dp-tuned-s
   method=${row%%:*}
   flags=()
   [[ $row == *:* ]] && flags=(--preset "${row#*:}")
-  [[ $method == local ]] || flags+=(--epsilon 1.0 --delta 1e-4)
+  [[ $method == local ]] || flags+=(--epsilon "${EPSILON:-1.0}" --delta 1e-4)
   # shellcheck disable=SC2086  # SEEDS is a list
   "${PYTHON:-python}" train.py --db "$DB" --dataset-name digits_effnetl0 --method "$method" "${flags[@]}" \
     --split dirichlet --alpha 0.3 --n-clients 5 --seeds $SEEDS --out "$OUT" "$@"
