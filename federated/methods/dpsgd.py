@@ -243,8 +243,7 @@ class DPClients(FederatedMethod):
                         opt.step()
                     if n_records:
                         totals[k], counts[k] = totals[k] + batch_loss[j], counts[k] + 1
-        finally:
-            select_rows(stacked, None)
+        finally:  # the stack is dropped: only the clients' own parameters need their storage back
             unshare(chosen)
         return [t / max(c, 1) for t, c in zip(totals, counts)]
 

@@ -255,7 +255,7 @@ class FedHypeVAE(Anonymizer):
         sums = class_stat_sums(c.x_train, c.y_train, self.ctx.n_classes, self.cfg.stats_clip)
         if self.privacy.enabled:
             sums = sums + class_stats_noise(sums.shape, self.cfg.stats_noise, self.noise_gens[i]).to(sums)
-            self.accountants[i].release("class_stats", self.cfg.stats_noise)
+            self.accountants[i].release(STATS, self.cfg.stats_noise)
         return sums
 
     def release_dpstats(self, i: int, stage: int) -> dict[str, torch.Tensor]:
