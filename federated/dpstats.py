@@ -177,6 +177,30 @@ def class_gaussians(pooled: torch.Tensor, n_classes: int, dim: int, covariance: 
     return ClassGaussians(means, class_means, counts, log_norms, basis, chol, residual.sqrt().expand(dim).clone())
 
 
+def release_quality(model: ClassGaussians, sum_noise_std: float) -> dict[str, list[float]]:
+    """What each class's DP mean is worth, from the released statistics alone (post-processing), so that a
+    researcher sees on their own data whether the release carries class information at all.
+    sum_noise_std: the noise std per coordinate of a pooled class sum (sqrt(releasing clients) x sigma x
+    sensitivity). With tau_c = sum_noise_std / n_c the noise std per coordinate of class c's DP mean and s^2
+    the model's within-class variance per coordinate:
+    - effective_records: how many real records' own mean would be as accurate per coordinate,
+      s^2 / (s^2 / n_c + tau_c^2) (n_c itself without noise);
+    - signal_to_noise: the squared norm of the model's class mean beyond its expected noise (k tau_c^2 in
+      a k-direction basis, D tau_c^2 for the diagonal model), over that noise (None without noise).
+    Its noise scales as D x clients x sigma^2 / n_c^2, so few records per class in many dimensions leave
+    little even where the budget is large."""
+    n_c = model.counts.clamp(min=1.0)
+    dim, k = model.means.shape[1], model.basis.shape[1]
+    within = (model.chol.pow(2).sum() + model.scale.pow(2).sum() * (dim - k) / dim) / dim if k else model.scale.pow(2).mean()
+    tau2 = (sum_noise_std / n_c) ** 2
+    effective = within / (within / n_c + tau2)
+    quality = {"effective_records": effective.tolist(), "signal_to_noise": None}
+    if sum_noise_std > 0:
+        noise = (k if k else dim) * tau2
+        quality["signal_to_noise"] = ((model.means.pow(2).sum(1) - noise).clamp(min=0) / noise).tolist()
+    return quality
+
+
 def local_gaussians(x: torch.Tensor, y: torch.Tensor, centre: Centre, model: ClassGaussians, dims: int, *,
                     pool_means: bool = False, shared_weight: float = 0.0) -> ClassGaussians:
     """A client's own model for the synthetic records it trains on (it never leaves the client): the

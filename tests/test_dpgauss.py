@@ -81,6 +81,37 @@ def test_the_model_of_exact_statistics_recovers_the_class_means():
             assert (syn[y == c].mean(0) - x[y == c].mean(0)).norm() < 0.05 * x[y == c].mean(0).norm(), covariance
 
 
+@pytest.mark.parametrize("covariance", ["diagonal", "lowrank"])
+def test_release_quality_measures_the_dp_means_error_and_signal(covariance):
+    """Checked against the noise itself over many releases: s^2 / effective_records is the DP mean's error
+    per coordinate plus s^2 / n_c, and signal_to_noise estimates |exact model mean|^2 / expected noise; without
+    noise a class is worth its own records."""
+    gen = torch.Generator().manual_seed(5)
+    n, d, k = 600, 12, 3
+    y = torch.arange(n) % k
+    x = torch.randn(n, d, generator=gen) * 0.5 + 4 + 2 * torch.nn.functional.one_hot(y, d).double()[:, :d].float()
+    centre = dpstats.centre_of(dpstats.centre_sums(x, 10.0), 10.0, 1.0)
+    sums = dpstats.class_sums(x, y, centre, k, 10.0)
+    exact = dpstats.class_gaussians(sums, k, d, covariance, 4, 10.0, centre)
+    clean = dpstats.release_quality(exact, 0.0)
+    assert clean["effective_records"] == pytest.approx([n / k] * k) and clean["signal_to_noise"] is None
+    std = 12.0  # per coordinate of a pooled class sum: tau = 0.06 against class means of norm ~0.5
+    errors, snrs, effective = [], [], []
+    for _ in range(200):
+        noised = sums + std * torch.randn(sums.shape, generator=gen, dtype=torch.float64)
+        model = dpstats.class_gaussians(noised, k, d, covariance, 4, 10.0, centre)
+        errors.append((model.class_means - exact.class_means).pow(2).mean(1))
+        quality = dpstats.release_quality(model, std)
+        snrs.append(torch.tensor(quality["signal_to_noise"]))
+        effective.append(torch.tensor(quality["effective_records"]))
+    error, s2 = torch.stack(errors).mean(0), exact.covariance().diagonal().mean()
+    assert (s2 / torch.stack(effective).mean(0)).tolist() == pytest.approx((s2 / (n / k) + error).tolist(), rel=0.15)
+    dims = d if covariance == "diagonal" else 4
+    truth = exact.means.pow(2).sum(1) / (dims * (std / (n / k)) ** 2)
+    assert torch.stack(snrs).mean(0).tolist() == pytest.approx(truth.tolist(), rel=0.25)
+    assert truth.min() > 2  # a signal to find, so the estimate is not 0 by the clamp
+
+
 def test_a_clients_local_model_has_its_own_within_class_covariance_and_the_projected_dp_means():
     gen = torch.Generator().manual_seed(2)
     d = 6
@@ -190,6 +221,10 @@ def test_accounting_recomputed_and_only_noised_releases_cross(tiny_db, tmp_path,
         noise = sent - dpstats.class_sums(c.x_train, c.y_train, centre, k, 10.0, weights)
         assert float(noise.std()) == pytest.approx(res["dpgauss"]["stats_noise_multiplier"] * weights.sensitivity, rel=0.2)
     assert res["rounds"] == 0 and "dpgauss" in res and res["fidelity"]["tstr"]["bacc"] > 0
+    quality = res["dpgauss"]["release_quality"]  # the noise's toll, reported: fewer effective records than real ones
+    assert len(quality["effective_records"]) == len(quality["signal_to_noise"]) == k
+    real = torch.bincount(torch.cat([c.y_train for c in clients]), minlength=k)
+    assert all(e < int(r) for e, r in zip(quality["effective_records"], real) if r > 0)
 
 
 def test_same_seed_same_results_and_no_dp_reports_no_epsilon(tiny_db, tmp_path):

@@ -5,8 +5,9 @@
 # alpha = 0.3, epsilon = 1, delta = 1e-4: Local and Local [balanced] beside DP-FedAvg [balanced_mix] and DP-Gauss's
 # presets, then the tables. WEIGHTS=... points at the checkpoint (default: ../shared/weights; without it timm
 # downloads ImageNet weights), IMAGES=..., DB=..., OUT=... override, SEEDS="..." sets the seeds, EPSILON the DP
-# rows' budget (another than 1 adds tagged rows, e.g. [balanced_dp-tuned-sums_eps4]); extra flags go to train.py
-# (e.g. --threads 1). Re-running continues (the images and the database too).
+# rows' budget (another than 1 adds tagged rows, e.g. [balanced_dp-tuned-sums_eps4]; nodp: the same rows without DP,
+# the synthesizers' own ceiling); extra flags go to train.py (e.g. --threads 1). Centralized (pooled data, both
+# recipes) is the ceiling of sharing. Re-running continues (the images and the database too).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 IMAGES=${IMAGES:-results/datasets/digits}
@@ -19,11 +20,15 @@ weights=()
 [[ -f $IMAGES/labels.csv ]] || "${PYTHON:-python}" experiments/digits/prepare.py --out "$IMAGES"
 "${PYTHON:-python}" data/create_db.py --dataset imagefolder --dataset-root "$IMAGES" --split-col split \
   --backbone tf_efficientnet_lite0 "${weights[@]}" --img-size 128 --database-root "$DB" --threads "${THREADS:-1}"
-for row in local local:balanced dpfedavg:mix dpgauss:dp-tuned dpgauss:dp-tuned-sums; do
+for row in local local:balanced centralized centralized:balanced dpfedavg:mix dpgauss:dp-tuned dpgauss:dp-tuned-sums; do
   method=${row%%:*}
   flags=()
   [[ $row == *:* ]] && flags=(--preset "${row#*:}")
-  [[ $method == local ]] || flags+=(--epsilon "${EPSILON:-1.0}" --delta 1e-4)
+  case "$method:${EPSILON:-1.0}" in
+    local:* | centralized:*) ;;
+    *:nodp) flags+=(--no-dp) ;;
+    *) flags+=(--epsilon "${EPSILON:-1.0}" --delta 1e-4) ;;
+  esac
   # shellcheck disable=SC2086  # SEEDS is a list
   "${PYTHON:-python}" train.py --db "$DB" --dataset-name digits_effnetl0 --method "$method" "${flags[@]}" \
     --split dirichlet --alpha 0.3 --n-clients 5 --seeds $SEEDS --out "$OUT" "$@"

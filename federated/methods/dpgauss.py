@@ -194,5 +194,14 @@ class DPGauss(Anonymizer):
                           "clip_radius": self.centre.radius if self.centre else None,
                           "mean_norm": math.exp(self.centre.log_norm) if self.centre else None,
                           "covariance": self.cfg.covariance, "pca_dims": self.cfg.pca_dims,
-                          "stats_sensitivity": self.cfg.weights.sensitivity}
+                          "stats_sensitivity": self.cfg.weights.sensitivity,
+                          "release_quality": dpstats.release_quality(self.model, self.pooled_noise_std())
+                          if self.model else None}
         return out
+
+    def pooled_noise_std(self) -> float:
+        """Noise std per coordinate of a pooled class sum: every client's release adds its own."""
+        if not self.privacy.enabled:
+            return 0.0
+        stats = [self.release_sigmas(s)[1] for s in self.noise_multipliers]
+        return math.sqrt(sum(s * s for s in stats)) * self.cfg.weights.sensitivity
