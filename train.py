@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import sys
 
 from data.io import UserError, package_versions, run_cli
@@ -34,6 +35,11 @@ def summary_line(method_name: str, seed: int, results: dict) -> str:
         parts.append("no DP")
     if "fidelity" in results:
         parts.append(f"TSTR bacc {100 * results['fidelity']['tstr']['bacc']:.1f}")
+    quality = (results.get("dpgauss") or {}).get("release_quality") or {}
+    if quality.get("signal_to_noise") is not None:  # what DP-Gauss's release is worth, on the user's own data
+        snr, records = statistics.median(quality["signal_to_noise"]), statistics.median(quality["effective_records"])
+        parts.append(f"release: {records:.0f} effective records a class, signal-to-noise {snr:.2g} (medians"
+                     + ("; under 1: mostly noise)" if snr < 1 else ")"))
     if "audit" in results:
         audit = results["audit"]
         power = f" (power: canary {audit['canary']['dcr']['auc']:.2f})" if "canary" in audit else ""

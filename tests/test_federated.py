@@ -370,6 +370,11 @@ def test_the_summary_line_carries_accuracy_epsilon_tstr_and_the_audit_with_its_p
     line = train.summary_line("dpcvae", 3407, results)
     assert line == ("dpcvae seed=3407: acc 90.00 ± 1.00  bacc 70.00 ± 2.00 | ε spent 0.9995 of 1 (max over clients, "
                     "PRV; RDP 1.123) | TSTR bacc 12.5 | audit DCR AUC 0.50 (power: canary 1.00)")
+    results["dpgauss"] = {"release_quality": {"effective_records": [4.0, 5.0, 30.0], "signal_to_noise": [0.5, 0.8, 3.0]}}
+    assert train.summary_line("dpgauss", 1, results).split(" | ")[-2] == \
+        "release: 5 effective records a class, signal-to-noise 0.8 (medians; under 1: mostly noise)"
+    results["dpgauss"]["release_quality"]["signal_to_noise"] = None  # without DP: nothing to say
+    assert "release" not in train.summary_line("dpgauss", 1, results)
 
 
 PRESETS = [(m, p) for m in sorted(METHODS) for p in sorted(getattr(METHODS[m].Config, "PRESETS", {}))]
