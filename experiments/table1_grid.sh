@@ -14,7 +14,8 @@ N_CLIENTS=${N_CLIENTS:-10}
 # method[:preset] (python train.py --method M --help lists a method's presets; the run folders' tag names them):
 # the papers' rows, DP-Gauss, the private-model yardstick DP-FedAvg and the strongest no-sharing one
 rows=(fedavg fedprox fedlambda local centralized dpcvae dpcvae:dp-tuned dpcgan fedhypevae fedhypevae:dp-tuned
-      dpgauss dpgauss:dp-tuned dpgauss:dp-tuned-local dpgauss:dp-tuned-sums dpfedavg dpfedavg:mix local:balanced)
+      dpgauss dpgauss:dp-tuned dpgauss:dp-tuned-local dpgauss:dp-tuned-sums dpgauss:dp-tuned-ess dpfedavg dpfedavg:mix
+      local:balanced)
 read -r -a splits <<< "$SPLITS"
 step=0
 for row in "${rows[@]}"; do

@@ -99,26 +99,33 @@ Data = tuple[torch.Tensor, torch.Tensor]
 
 
 def fit_downstream(datasets: list[Data], vals: list[Data], n_classes: int, cfg: ClassifierConfig,
-                   gens: list[torch.Generator], *, synthetic: list[Data] | None = None) -> list[LinearClassifier]:
+                   gens: list[torch.Generator], *, synthetic: list[Data] | None = None,
+                   synthetic_scales: list[torch.Tensor | None] | None = None) -> list[LinearClassifier]:
     """One downstream classifier per client: trained on datasets[i] (+ synthetic[i], an anonymizer's
     samples), by cfg.recipe: the papers' (the batched trainer, real and synthetic records alike) or the
     balanced one, which chooses its penalty and the synthetic records' weight on vals[i] (the
-    client's own validation split, never a test set)."""
+    client's own validation split, never a test set); synthetic_scales[i] (balanced recipe only) scales that
+    weight per class."""
     synthetic = synthetic or [None] * len(datasets)
+    scales = synthetic_scales or [None] * len(datasets)
     if cfg.recipe == "balanced":
-        return [fit_balanced(x, y, xv, yv, n_classes, cfg, synthetic=syn)
-                for (x, y), (xv, yv), syn in zip(datasets, vals, synthetic)]
+        return [fit_balanced(x, y, xv, yv, n_classes, cfg, synthetic=syn, synthetic_scale=scale)
+                for (x, y), (xv, yv), syn, scale in zip(datasets, vals, synthetic, scales)]
+    if any(scale is not None for scale in scales):
+        raise UserError("per-class synthetic weights need the balanced recipe (--downstream-recipe balanced)")
     joined = [(x, y) if syn is None else (torch.cat([x, syn[0]]), torch.cat([y, syn[1]]))
               for (x, y), syn in zip(datasets, synthetic)]
     return fit_classifiers(joined, n_classes, cfg, gens)
 
 
 def fit_balanced(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, n_classes: int,
-                 cfg: ClassifierConfig, *, synthetic: Data | None = None) -> LinearClassifier:
+                 cfg: ClassifierConfig, *, synthetic: Data | None = None,
+                 synthetic_scale: torch.Tensor | None = None) -> LinearClassifier:
     """Class-balanced multinomial logistic regression on L2-normalised embeddings, trained to convergence
     (full-batch L-BFGS, deterministic): minimises sum_i s_i CE_i + |W|^2 / (2C) with scikit-learn's
     'balanced' weights s_i = n / (K_present n_{y_i}) and an unpenalised bias. With synthetic records, a
-    synthetic record counts w times a real one (in n and in n_c too, so a class keeps its total weight).
+    synthetic record counts w times a real one (in n and in n_c too, so a class keeps its total weight), or
+    w x synthetic_scale[c] for one of class c.
     Searched: each w of cfg.synthetic_weights (0 = the real data alone), and for each, each C of
     cfg.c_grid in increasing order, warm-started from the last; kept: the best balanced accuracy on
     (x_val, y_val), ties to the smaller w, then the smaller C. A class without training weight keeps a
@@ -142,7 +149,8 @@ def fit_balanced(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: t
         # w = 0: the synthetic rows (after the real ones) would only add zero terms, so they are left out
         rows = slice(None) if w > 0 else slice(0, len(y))
         xs_w, onehot_w, y_w = xs[rows], onehot[rows], y_all[rows]
-        mass = torch.where(is_syn[rows], w, 1.0)
+        syn_mass = w if synthetic_scale is None else w * synthetic_scale.to(xs)[y_w]
+        mass = torch.where(is_syn[rows], syn_mass, 1.0)
         class_mass = torch.zeros(n_classes, device=xs.device).index_add_(0, y_w, mass)
         present = class_mass > 0
         # per-record weight s_i / n of the mean objective (sums to 1); the penalty 1 / (C n) on that scale

@@ -282,6 +282,49 @@ def test_the_balanced_recipe_weighs_synthetic_records_by_validation():
     assert tied.chosen["synthetic_weight"] == 0.0
 
 
+def test_per_class_synthetic_scales_weigh_each_class_as_a_fixed_weight_would():
+    """A synthetic_scale of s_c is the same fit as the fixed weight w s_c when one class is synthesised (the
+    weight is per record, so a uniform scale is a plain weight); scales of 1 change nothing."""
+    from federated.training import downstream_default, fit_balanced
+    import dataclasses
+    gen = torch.Generator().manual_seed(2)
+    centres = torch.randn(3, 6, generator=gen) * 2
+    y = torch.cat([torch.zeros(80), torch.ones(80), torch.full((10,), 2)]).long()
+    x = centres[y] + torch.randn(len(y), 6, generator=gen) + 3
+    y_syn = torch.full((40,), 2)
+    x_syn = centres[y_syn] + torch.randn(40, 6, generator=gen) + 3
+    cfg = dataclasses.replace(downstream_default(), recipe="balanced", c_grid=(10.0,), synthetic_weights=(0.2,))
+    fixed = fit_balanced(x, y, x, y, 3, cfg, synthetic=(x_syn, y_syn))
+    ones = fit_balanced(x, y, x, y, 3, cfg, synthetic=(x_syn, y_syn), synthetic_scale=torch.ones(3))
+    assert torch.equal(fixed.weight, ones.weight) and torch.equal(fixed.bias, ones.bias)
+    scaled = fit_balanced(x, y, x, y, 3, cfg, synthetic=(x_syn, y_syn), synthetic_scale=torch.tensor([9.0, 9.0, 2.5]))
+    heavier = fit_balanced(x, y, x, y, 3, dataclasses.replace(cfg, synthetic_weights=(0.5,)), synthetic=(x_syn, y_syn))
+    assert torch.allclose(scaled.weight, heavier.weight, atol=1e-5) and not torch.allclose(scaled.weight, fixed.weight)
+
+
+def test_effective_synthetic_mass_gives_each_class_w_times_its_effective_records(tiny_db, tmp_path, monkeypatch):
+    """--synthetic-mass effective: a class's synthetic records weigh W x release_quality's effective records in
+    all (scale x count = effective records), from the DP release alone; it refuses the papers' recipe."""
+    from federated.methods import dpgauss
+    seen = []
+    original = dpgauss.DPGauss.synthetic_scale
+
+    def spy(self, i, y):
+        scale = original(self, i, y)
+        seen.append((scale, torch.bincount(y.cpu(), minlength=self.ctx.n_classes),
+                     dpstats.release_quality(self.model, self.pooled_noise_std())["effective_records"]))
+        return scale
+    monkeypatch.setattr(dpgauss.DPGauss, "synthetic_scale", spy)
+    run_dp(tiny_db, tmp_path / "r", "--method", "dpgauss", "--preset", "dp-tuned-ess")
+    assert seen and results_of(tmp_path / "r", "dpgauss")["privacy"]["epsilon_spent_max"] <= 1.0
+    for scale, counts, effective in seen:
+        has = counts > 0
+        assert torch.allclose((scale * counts)[has], torch.tensor(effective, dtype=scale.dtype)[has])
+    from data.io import UserError
+    with pytest.raises(UserError, match="balanced recipe"):
+        run_dp(tiny_db, tmp_path / "p", "--method", "dpgauss", "--synthetic-mass", "effective")
+
+
 def test_the_noise_probe_rebuilds_a_run_and_scores_each_noised_part(tiny_db, tmp_path):
     import importlib.util
     from pathlib import Path

@@ -27,7 +27,8 @@ weights=() download=()
 [[ -f $DATA_ROOT/bloodmnist.npz ]] || download=(--download)
 "${PYTHON:-python}" data/create_db.py --dataset bloodmnist --dataset-root "$DATA_ROOT" --size 28 "${download[@]}" \
   --backbone "$model" "${weights[@]}" --img-size "$size" --database-root "$DB" --threads "${THREADS:-1}"
-for row in local local:balanced centralized centralized:balanced dpfedavg:mix dpgauss:dp-tuned dpgauss:dp-tuned-sums; do
+for row in local local:balanced centralized centralized:balanced dpfedavg:mix dpgauss:dp-tuned dpgauss:dp-tuned-sums \
+  dpgauss:dp-tuned-ess; do
   method=${row%%:*}
   flags=()
   [[ $row == *:* ]] && flags=(--preset "${row#*:}")

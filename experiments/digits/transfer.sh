@@ -20,7 +20,8 @@ weights=()
 [[ -f $IMAGES/labels.csv ]] || "${PYTHON:-python}" experiments/digits/prepare.py --out "$IMAGES"
 "${PYTHON:-python}" data/create_db.py --dataset imagefolder --dataset-root "$IMAGES" --split-col split \
   --backbone tf_efficientnet_lite0 "${weights[@]}" --img-size 128 --database-root "$DB" --threads "${THREADS:-1}"
-for row in local local:balanced centralized centralized:balanced dpfedavg:mix dpgauss:dp-tuned dpgauss:dp-tuned-sums; do
+for row in local local:balanced centralized centralized:balanced dpfedavg:mix dpgauss:dp-tuned dpgauss:dp-tuned-sums \
+  dpgauss:dp-tuned-ess; do
   method=${row%%:*}
   flags=()
   [[ $row == *:* ]] && flags=(--preset "${row#*:}")

@@ -67,4 +67,12 @@ for w in 0.25 0.5; do
       --tag "local_w0.03_m128_cw0.1_nw0_mw0.5_blend${w}" --seeds "$seed"
   done
 done
+# the synthetic records' weight from the release itself (2026-11-25): around dp-tuned-sums, each class's synthetic
+# records weigh W x the real records its DP mean is worth (--synthetic-mass effective), W in {0.1, 0.3, 1}, two seeds
+for w in 0.1 0.3 1.0; do
+  for seed in 3407 "${SECOND_SEED:-12345}"; do
+    tune --preset dp-tuned-sums --synthetic-mass effective --downstream-synthetic-weights "$w" --tag "ess_w$w" \
+      --seeds "$seed"
+  done
+done
 "${PYTHON:-python}" experiments/tuning.py --results "$OUT" --method dpgauss --json "$OUT/dpgauss_balanced_ranking.json"

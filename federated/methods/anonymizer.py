@@ -106,6 +106,11 @@ class Anonymizer(DPClients):
         releases (the release evaluation samples this)."""
         raise NotImplementedError
 
+    def synthetic_scale(self, i: int, y: torch.Tensor) -> torch.Tensor | None:
+        """Per-class factors (n_classes,) on the synthetic records' weight in client i's balanced-recipe
+        classifier, for its synthetic labels y; None: the same weight for every class."""
+        return None
+
     def sample_local(self, i: int, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """The synthetic embeddings client i trains its own downstream classifier on; they never leave
         it, so a variant may combine the shared generator with the client's own data."""
@@ -139,6 +144,7 @@ class Anonymizer(DPClients):
             self.synthetic_sizes = {c.id: len(s[1]) for c, s in zip(clients, synthetic)}
             datasets, vals = [(c.x_train, c.y_train) for c in clients], [(c.x_val, c.y_val) for c in clients]
             gens = [make_generator(seed, c.id, DOWNSTREAM) for c in clients]
+            scales = [self.synthetic_scale(i, s[1]) for i, s in enumerate(synthetic)]
             release = self.release_samples() if cfg.evaluation.enabled else None
             if release is not None:
                 # the TSTR classifier trains in the same batched loop as the clients' (its own stream and
@@ -147,7 +153,9 @@ class Anonymizer(DPClients):
                 vals.append((_pooled(clients, "x_val"), _pooled(clients, "y_val")))
                 gens.append(make_generator(seed, SERVER, RELEASE_EVAL, DOWNSTREAM))
                 synthetic.append(None)
-            models = fit_downstream(datasets, vals, self.ctx.n_classes, cfg.downstream, gens, synthetic=synthetic)
+                scales.append(None)
+            models = fit_downstream(datasets, vals, self.ctx.n_classes, cfg.downstream, gens, synthetic=synthetic,
+                                    synthetic_scales=scales)
             self.downstream_models = {c.id: m for c, m in zip(clients, models)}
         if release is not None:
             self.release_eval = self.evaluate_release(release[0], models[-1])
