@@ -20,25 +20,10 @@ esac
 DATA_ROOT=${DATA_ROOT:-results/datasets/medmnist}
 DB=${DB:-results/databases/bloodmnist_${BACKBONE}_$size}
 OUT=${OUT:-results/transfer}
-SEEDS=${SEEDS:-3407 12345 202502}
 WEIGHTS=${WEIGHTS:-../shared/weights/$file}
 weights=() download=()
 [[ -f $WEIGHTS ]] && weights=(--weights "$WEIGHTS")
 [[ -f $DATA_ROOT/bloodmnist.npz ]] || download=(--download)
 "${PYTHON:-python}" data/create_db.py --dataset bloodmnist --dataset-root "$DATA_ROOT" --size 28 "${download[@]}" \
   --backbone "$model" "${weights[@]}" --img-size "$size" --database-root "$DB" --threads "${THREADS:-1}"
-for row in local local:balanced centralized centralized:balanced dpfedavg:mix dpgauss:dp-tuned dpgauss:dp-tuned-sums \
-  dpgauss:dp-tuned-ess; do
-  method=${row%%:*}
-  flags=()
-  [[ $row == *:* ]] && flags=(--preset "${row#*:}")
-  case "$method:${EPSILON:-1.0}" in
-    local:* | centralized:*) ;;
-    *:nodp) flags+=(--no-dp) ;;
-    *) flags+=(--epsilon "${EPSILON:-1.0}" --delta 1e-4) ;;
-  esac
-  # shellcheck disable=SC2086  # SEEDS is a list
-  "${PYTHON:-python}" train.py --db "$DB" --dataset-name "bloodmnist_$BACKBONE" --method "$method" "${flags[@]}" \
-    --split dirichlet --alpha 0.3 --n-clients 10 --seeds $SEEDS --out "$OUT" "$@"
-done
-"${PYTHON:-python}" experiments/tables.py --results "$OUT" --dataset "bloodmnist_$BACKBONE" --out "$OUT/table1_bloodmnist_$BACKBONE"
+experiments/transfer_rows.sh "$DB" "bloodmnist_$BACKBONE" 10 "$OUT" "$@"

@@ -13,25 +13,10 @@ cd "$(dirname "$0")/../.."
 IMAGES=${IMAGES:-results/datasets/digits}
 DB=${DB:-results/databases/digits_effnetl0_128}
 OUT=${OUT:-results/transfer}
-SEEDS=${SEEDS:-3407 12345 202502}
 WEIGHTS=${WEIGHTS:-../shared/weights/tf_efficientnet_lite0.safetensors}
 weights=()
 [[ -f $WEIGHTS ]] && weights=(--weights "$WEIGHTS")
 [[ -f $IMAGES/labels.csv ]] || "${PYTHON:-python}" experiments/digits/prepare.py --out "$IMAGES"
 "${PYTHON:-python}" data/create_db.py --dataset imagefolder --dataset-root "$IMAGES" --split-col split \
   --backbone tf_efficientnet_lite0 "${weights[@]}" --img-size 128 --database-root "$DB" --threads "${THREADS:-1}"
-for row in local local:balanced centralized centralized:balanced dpfedavg:mix dpgauss:dp-tuned dpgauss:dp-tuned-sums \
-  dpgauss:dp-tuned-ess; do
-  method=${row%%:*}
-  flags=()
-  [[ $row == *:* ]] && flags=(--preset "${row#*:}")
-  case "$method:${EPSILON:-1.0}" in
-    local:* | centralized:*) ;;
-    *:nodp) flags+=(--no-dp) ;;
-    *) flags+=(--epsilon "${EPSILON:-1.0}" --delta 1e-4) ;;
-  esac
-  # shellcheck disable=SC2086  # SEEDS is a list
-  "${PYTHON:-python}" train.py --db "$DB" --dataset-name digits_effnetl0 --method "$method" "${flags[@]}" \
-    --split dirichlet --alpha 0.3 --n-clients 5 --seeds $SEEDS --out "$OUT" "$@"
-done
-"${PYTHON:-python}" experiments/tables.py --results "$OUT" --dataset digits_effnetl0 --out "$OUT/table1_digits_effnetl0"
+experiments/transfer_rows.sh "$DB" digits_effnetl0 5 "$OUT" "$@"
