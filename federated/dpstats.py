@@ -131,6 +131,14 @@ class ClassGaussians:
         rest = torch.eye(d, dtype=self.basis.dtype) - self.basis @ self.basis.T
         return self.basis @ self.chol @ self.chol.T @ self.basis.T + self.scale[:, None] * rest * self.scale[None, :]
 
+    def variance(self) -> torch.Tensor:
+        """The within-class variance per coordinate, trace(covariance()) / D, without forming the D x D
+        matrix (the low-rank model's residual std is the same in every dimension)."""
+        d, k = self.means.shape[1], self.basis.shape[1]
+        if k == 0:
+            return self.scale.pow(2).mean()
+        return (self.chol.pow(2).sum() + self.scale.pow(2).sum() * (d - k) / d) / d
+
     def sample(self, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         d, k = self.means.shape[1], self.basis.shape[1]
         z = torch.randn(len(y), d, generator=gen, dtype=torch.float64)
@@ -191,7 +199,7 @@ def release_quality(model: ClassGaussians, sum_noise_std: float) -> dict[str, li
     little even where the budget is large."""
     n_c = model.counts.clamp(min=1.0)
     dim, k = model.means.shape[1], model.basis.shape[1]
-    within = (model.chol.pow(2).sum() + model.scale.pow(2).sum() * (dim - k) / dim) / dim if k else model.scale.pow(2).mean()
+    within = model.variance()
     tau2 = (sum_noise_std / n_c) ** 2
     effective = within / (within / n_c + tau2)
     quality = {"effective_records": effective.tolist(), "signal_to_noise": None}

@@ -105,6 +105,7 @@ def test_release_quality_measures_the_dp_means_error_and_signal(covariance):
         snrs.append(torch.tensor(quality["signal_to_noise"]))
         effective.append(torch.tensor(quality["effective_records"]))
     error, s2 = torch.stack(errors).mean(0), exact.covariance().diagonal().mean()
+    assert float(exact.variance()) == pytest.approx(float(s2), rel=1e-9)  # without forming the D x D matrix
     assert (s2 / torch.stack(effective).mean(0)).tolist() == pytest.approx((s2 / (n / k) + error).tolist(), rel=0.15)
     dims = d if covariance == "diagonal" else 4
     truth = exact.means.pow(2).sum(1) / (dims * (std / (n / k)) ** 2)
