@@ -113,9 +113,7 @@ def fit_downstream(datasets: list[Data], vals: list[Data], n_classes: int, cfg: 
                 for (x, y), (xv, yv), syn, scale in zip(datasets, vals, synthetic, scales)]
     if any(scale is not None for scale in scales):
         raise UserError("per-class synthetic weights need the balanced recipe (--downstream-recipe balanced)")
-    joined = [(x, y) if syn is None else (torch.cat([x, syn[0]]), torch.cat([y, syn[1]]))
-              for (x, y), syn in zip(datasets, synthetic)]
-    return fit_classifiers(joined, n_classes, cfg, gens)
+    return fit_classifiers(datasets, n_classes, cfg, gens, appended=synthetic)
 
 
 def fit_balanced(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, n_classes: int,
@@ -185,68 +183,50 @@ def fit_balanced(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: t
     return model
 
 
-def fit_classifiers(datasets: list[tuple[torch.Tensor, torch.Tensor]], n_classes: int, cfg: OptimConfig,
-                    gens: list[torch.Generator]) -> list[LinearClassifier]:
-    """One new linear classifier per (x, y), initialised from and shuffled by its own generator."""
+def fit_classifiers(datasets: list[Data], n_classes: int, cfg: OptimConfig, gens: list[torch.Generator], *,
+                    appended: list[Data | None] | None = None) -> list[LinearClassifier]:
+    """One new linear classifier per (x, y) (+ appended[i], as train_classifiers), initialised from and
+    shuffled by its own generator."""
     models = [new_classifier(x.shape[1], n_classes, g, x.device) for (x, _), g in zip(datasets, gens)]
-    train_classifiers(models, datasets, cfg, gens)
+    train_classifiers(models, datasets, cfg, gens, appended=appended)
     return models
 
 
 class StackedOptimizer:
-    """torch's SGD (momentum, weight decay) or Adam update, element-wise as torch.optim writes it, on stacked
-    per-model tensors {name: (K, ...)}: step(grads, active) moves only the models `active` (a slice, whose
-    rows are views updated in place, an index tensor, whose rows are copied and written back, or None for
-    all), each with its own state and step count, as its own optimiser would."""
+    """torch's SGD (momentum, weight decay) or Adam update, element-wise as torch.optim writes it, on one
+    stacked tensor (K, ...) of K models' parameters: step(grad, a, counts) moves the first a models (views
+    updated in place), each with its own state, as its own optimiser would at its step count counts[j]
+    (1 on its first step; the caller knows them, so no step needs a lookup or a sync)."""
 
-    def __init__(self, params: dict[str, torch.Tensor], cfg: OptimConfig) -> None:
+    def __init__(self, params: torch.Tensor, cfg: OptimConfig) -> None:
         check_optimizer(cfg)
         self.params, self.cfg = params, cfg
-        self.first = {n: torch.zeros_like(p) for n, p in params.items()}   # SGD momentum buffer / Adam exp_avg
-        self.second = {n: torch.zeros_like(p) for n, p in params.items()}  # Adam exp_avg_sq
-        self.steps = torch.zeros(next(iter(params.values())).shape[0], dtype=torch.long)
-        # Adam's bias corrections by step count (float64, then float32 as applied): two lookups a step
-        # instead of a dozen scalar ops, the same numbers
-        self._corrections = torch.zeros(2, 0)
+        self.first = torch.zeros_like(params)   # SGD momentum buffer / Adam exp_avg
+        self.second = torch.zeros_like(params)  # Adam exp_avg_sq
+        self.shape = (-1,) + (1,) * (params.dim() - 1)
 
-    def corrections(self, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lr / (1 - b1^t), sqrt(1 - b2^t)) for each step count t, torch.optim.Adam's defaults b1, b2."""
-        last = int(steps.max())
-        if last >= self._corrections.shape[1]:
-            t = torch.arange(max(2 * self._corrections.shape[1], last + 1), dtype=torch.float64)
-            self._corrections = torch.stack([self.cfg.lr / (1 - 0.9 ** t), (1 - 0.999 ** t) ** 0.5]).float()
-        step_size, bc2_sqrt = self._corrections[:, steps]
-        return step_size, bc2_sqrt
+    def corrections(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(-lr / (1 - b1^t), sqrt(1 - b2^t)) for each step count t (float64, then float32 as applied), with
+        torch.optim.Adam's defaults b1, b2: computed for a whole epoch at once, indexed per step."""
+        t = counts.double()
+        return (-self.cfg.lr / (1 - 0.9 ** t)).float(), ((1 - 0.999 ** t) ** 0.5).float()
 
-    def step(self, grads: dict[str, torch.Tensor], active: torch.Tensor | slice | None) -> None:
-        cfg = self.cfg
-        rows = slice(None) if active is None else active
-        copied = isinstance(active, torch.Tensor)
-        self.steps[rows] += 1
-        if cfg.optimizer == "adam":
-            b1, b2 = 0.9, 0.999  # torch.optim.Adam's defaults
-            step_size, bc2_sqrt = self.corrections(self.steps[rows])
-        for name, p in self.params.items():
-            g, param = grads[name], p[rows]
-            if cfg.weight_decay:
-                g = g.add(param, alpha=cfg.weight_decay)
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            if cfg.optimizer == "sgd":
-                if cfg.momentum:
-                    buf = self.first[name][rows].mul_(cfg.momentum).add_(g)  # torch's first step: buf = g, the same
-                    if copied:
-                        self.first[name][rows] = buf
-                    g = buf
-                param = param.add_(g, alpha=-cfg.lr)
-            else:
-                m = self.first[name][rows].lerp_(g, 1 - b1)
-                v = self.second[name][rows].mul_(b2).addcmul_(g, g, value=1 - b2)
-                if copied:
-                    self.first[name][rows], self.second[name][rows] = m, v
-                denom = v.sqrt().div_(bc2_sqrt.view(shape)).add_(1e-8)
-                param = param.sub_(step_size.view(shape) * m / denom)
-            if copied:
-                p[rows] = param
+    def step(self, grad: torch.Tensor, a: int, corrections: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """corrections: corrections(counts of the first a models) (Adam only)."""
+        cfg, param = self.cfg, self.params[:a]
+        if cfg.weight_decay:
+            grad = grad.add(param, alpha=cfg.weight_decay)
+        if cfg.optimizer == "sgd":
+            if cfg.momentum:
+                grad = self.first[:a].mul_(cfg.momentum).add_(grad)  # torch's first step: buf = grad, the same
+            param.add_(grad, alpha=-cfg.lr)
+            return
+        b1, b2 = 0.9, 0.999  # torch.optim.Adam's defaults
+        neg_step_size, bc2_sqrt = (c.view(self.shape) for c in corrections)
+        m = self.first[:a].lerp_(grad, 1 - b1)
+        v = self.second[:a].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = v.sqrt().div_(bc2_sqrt).add_(1e-8)
+        param.addcdiv_(m * neg_step_size, denom)  # p - (lr_t m) / denom, bit for bit: negation is exact
 
 
 def epoch_batches(sizes: list[int], batch: int, gens: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,43 +251,57 @@ def epoch_batches(sizes: list[int], batch: int, gens: list[torch.Generator]) -> 
 StackedPenalty = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
-def train_classifiers(models: list[nn.Linear], datasets: list[tuple[torch.Tensor, torch.Tensor]], cfg: OptimConfig,
-                      gens: list[torch.Generator], *, penalty: StackedPenalty | None = None) -> list[float]:
+def train_classifiers(models: list[nn.Linear], datasets: list[Data], cfg: OptimConfig, gens: list[torch.Generator],
+                      *, penalty: StackedPenalty | None = None, appended: list[Data | None] | None = None) -> list[float]:
     """Trains each linear model on its own (x, y) as train_epochs would train it alone (its generator
     shuffles every epoch; it steps only when it has a batch; a fresh optimiser), but stacked: one
     batched forward/backward and one optimiser update for all models per iteration. Small models are
     dominated by per-step overhead, so K clients cost about one. The cross-entropy gradient is closed-form;
     penalty({"weight": (A, C, D), "bias": (A, C)}) -> (A,) adds a term per model, the same function of
     each model's own parameters (e.g. FedProx's proximal term), differentiated by autograd. Returns each
-    model's mean step loss (with its penalty)."""
+    model's mean step loss (with its penalty). appended[i] (e.g. an anonymizer's synthetic records) trains
+    model i as if concatenated after datasets[i], without the copy."""
     device = models[0].weight.device
+    parts = [[d] if extra is None else [d, extra] for d, extra in zip(datasets, appended or [None] * len(datasets))]
     # the models are stacked longest-first, so that the models still training at step t are a prefix of
     # the stack: every step works on views, with no copies in or out (a model's arithmetic is its own)
-    sizes = [len(y) for _, y in datasets]
+    sizes = [sum(len(y) for _, y in p) for p in parts]
     batch = cfg.batch_size or max(sizes, default=1)
     order = sorted(range(len(models)), key=lambda k: -sizes[k])
     # weight and bias as one (K, C, D + 1) tensor against records with a trailing 1: one matrix product
     # gives the logits, one the gradients of both, and the update is one pass over all parameters
     stack = torch.stack([torch.cat([models[k].weight.detach(), models[k].bias.detach()[:, None]], 1) for k in order])
     dim = stack.shape[2] - 1
-    optimizer = StackedOptimizer({"stack": stack}, cfg)
-    x_all = torch.cat([datasets[k][0] for k in order])
-    x_all = torch.cat([x_all, torch.ones(len(x_all), 1, dtype=x_all.dtype, device=device)], 1)
-    y_all = torch.cat([datasets[k][1] for k in order])
+    optimizer = StackedOptimizer(stack, cfg)
+    # every model's records, one after another, with the trailing 1: written once (the gathers below
+    # read rows of it at random, so it is the run's largest memory stream)
+    rows = [p for k in order for p in parts[k]]
+    x_all = torch.empty(sum(sizes), dim + 1, dtype=stack.dtype, device=device)
+    x_all[:, dim] = 1
+    offset = 0
+    for x, _ in rows:
+        x_all[offset:offset + len(x), :dim] = x
+        offset += len(x)
+    y_all = torch.cat([y for _, y in rows])
     sizes = [sizes[k] for k in order]
     counts = [-(-n // batch) for n in sizes]
     n_active = [sum(c > t for c in counts) for t in range(max(counts, default=0))]  # non-increasing in t
-    totals, steps = torch.zeros(len(models), dtype=torch.float64, device=device), torch.zeros(len(models), device=device)
+    totals = torch.zeros(len(models), dtype=torch.float64, device=device)
     minus_one = torch.full((len(models), 1, batch), -1.0, device=device)
-    for _ in range(cfg.epochs):
+    # model j takes its steps t < counts[j] of every epoch, so its step count at (epoch e, step t) is
+    # e counts[j] + t + 1
+    per_epoch = torch.tensor(counts, device=device)
+    first_counts = torch.arange(1, len(n_active) + 1, device=device)[:, None].expand(-1, len(counts))
+    for epoch in range(cfg.epochs):
         idx, weight = (t.to(device) for t in epoch_batches(sizes, batch, [gens[k] for k in order]))
+        neg_step, bc2 = optimizer.corrections(first_counts + epoch * per_epoch)
         for t, a in enumerate(n_active):
             ids, w, params = idx[t, :a].view(-1), weight[t, :a], stack[:a]
             x = x_all.index_select(0, ids).view(a, batch, dim + 1)
             y = y_all.index_select(0, ids).view(a, 1, batch)
             # classes x records (W x^T, not x W^T): with few classes, BLAS is about twice as fast this way
             logp = torch.log_softmax(torch.bmm(params, x.transpose(1, 2)), 1)
-            loss = logp.gather(1, y).mul_(w).sum((1, 2)).neg_()
+            loss_sum = logp.gather(1, y).mul_(w).sum((1, 2))  # minus the loss
             g = logp.exp_().scatter_add_(1, y, minus_one[:a]).mul_(w)
             grad = torch.bmm(g, x)
             if penalty is not None:
@@ -317,11 +311,10 @@ def train_classifiers(models: list[nn.Linear], datasets: list[tuple[torch.Tensor
                 extra_w, extra_b = torch.autograd.grad(value.sum(), list(leaves.values()))
                 grad[..., :dim] += extra_w
                 grad[..., dim] += extra_b
-                loss = loss + value.detach()
-            optimizer.step({"stack": grad}, slice(0, a))
-            totals[:a] += loss
-            steps[:a] += 1
-    losses = (totals / steps.clamp(min=1)).tolist()
+                loss_sum = (value.detach() - loss_sum).neg_()  # -(loss + penalty), as before
+            optimizer.step(grad, a, (neg_step[t, :a], bc2[t, :a]))
+            totals[:a] -= loss_sum
+    losses = (totals / (per_epoch * cfg.epochs).clamp(min=1)).tolist()
     with torch.no_grad():
         for j, k in enumerate(order):
             models[k].weight.copy_(stack[j, :, :dim]), models[k].bias.copy_(stack[j, :, dim])
