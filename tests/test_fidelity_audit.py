@@ -9,8 +9,8 @@ import torch
 
 from conftest import ROOT
 from federated.audit import attack_metrics, canary_release, membership_audit
-from federated.fidelity import (ReleaseEvalConfig, fidelity_report, frechet_distance, gaussian_gram, mmd2_unbiased,
-                                prdc_metrics, subsample)
+from federated.fidelity import (ReleaseEvalConfig, fidelity_report, frechet_distance, gaussian_gram, median_bandwidth,
+                                mmd2_unbiased, pooled_distances, prdc_metrics, subsample)
 
 
 def test_mmd2_unbiased_by_hand():
@@ -18,6 +18,16 @@ def test_mmd2_unbiased_by_hand():
     e = math.exp
     expected = e(-0.5) + e(-2) - 2 * (1 + e(-2) + 2 * e(-0.5)) / 4
     assert mmd2_unbiased(x, y, lambda a, b: gaussian_gram(a, b, 1.0)) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("n_x, n_y", [(1, 1), (2, 3), (17, 40), (60, 61)])
+def test_median_bandwidth_is_the_median_pairwise_distance(n_x, n_y):
+    """Read off the whole pooled matrix, it is torch.median (the lower median) of the distinct pairs' distances."""
+    g = torch.Generator().manual_seed(n_x + n_y)
+    x, y = torch.randn(n_x, 5, generator=g), torch.randn(n_y, 5, generator=g) + 1
+    d = pooled_distances(x, y)
+    pairs = d[torch.triu_indices(len(d), len(d), 1).unbind()]
+    assert median_bandwidth(d) == float(pairs.median())
 
 
 def test_frechet_distance_by_hand():
