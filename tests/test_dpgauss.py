@@ -237,6 +237,26 @@ def test_same_seed_same_results_and_no_dp_reports_no_epsilon(tiny_db, tmp_path):
     assert results_of(tmp_path / "c", "dpgauss")["privacy"]["epsilon_spent_max"] is None
 
 
+def test_a_run_killed_after_its_release_leaves_no_results_and_reruns_to_the_same_file(tiny_db, tmp_path, monkeypatch):
+    """A one-shot method has no round to checkpoint: killed in its final phase (after the release), it leaves
+    neither results.json nor a lock, and the rerun (the same seeded release) writes the uninterrupted run's file."""
+    from federated.methods import anonymizer
+    run_dp(tiny_db, tmp_path / "full", "--method", "dpgauss")
+    original = anonymizer.fit_downstream
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(anonymizer, "fit_downstream", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_dp(tiny_db, tmp_path / "resumed", "--method", "dpgauss")
+    run_dir = next((tmp_path / "resumed").glob("toy/dpgauss/*/seed=1"))
+    assert not (run_dir / "results.json").exists() and not list(run_dir.glob("*.lock"))
+    monkeypatch.setattr(anonymizer, "fit_downstream", original)
+    run_dp(tiny_db, tmp_path / "resumed", "--method", "dpgauss")
+    a, b = results_of(tmp_path / "full", "dpgauss"), results_of(tmp_path / "resumed", "dpgauss")
+    assert json.dumps(strip_timing(a)) == json.dumps(strip_timing(b))
+
+
 def test_the_balanced_recipe_solves_scikit_learns_problem_and_chooses_c_on_validation():
     from sklearn.linear_model import LogisticRegression
     from federated.training import downstream_default, fit_balanced, predict_proba
