@@ -334,5 +334,6 @@ def add_noise(summed: dict[str, torch.Tensor], *, noise_multiplier: float, max_g
               expected_batch_size: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """(sum of clipped grads + N(0, sigma^2 C^2)) / expected batch size, as Opacus's DPOptimizer."""
     std = noise_multiplier * max_grad_norm
-    return {n: (g + std * torch.randn(g.shape, generator=generator).to(g)) / expected_batch_size
+    # in place on the fresh noise: (std n + g) / B, the same floats as (g + std n) / B, with no temporaries
+    return {n: torch.randn(g.shape, generator=generator).to(g).mul_(std).add_(g).div_(expected_batch_size)
             for n, g in summed.items()}
