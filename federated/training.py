@@ -194,8 +194,8 @@ def fit_classifiers(datasets: list[Data], n_classes: int, cfg: OptimConfig, gens
 
 class StackedOptimizer:
     """torch's SGD (momentum, weight decay) or Adam update, element-wise as torch.optim writes it, on one
-    stacked tensor (K, ...) of K models' parameters: step(grad, a, counts) moves the first a models (views
-    updated in place), each with its own state, as its own optimiser would at its step count counts[j]
+    stacked tensor (K, ...) of K models' parameters: step(grad, a, corrections) moves the first a models
+    (views updated in place), each with its own state, as its own optimiser would at its step count
     (1 on its first step; the caller knows them, so no step needs a lookup or a sync)."""
 
     def __init__(self, params: torch.Tensor, cfg: OptimConfig) -> None:
@@ -203,28 +203,38 @@ class StackedOptimizer:
         self.params, self.cfg = params, cfg
         self.first = torch.zeros_like(params)   # SGD momentum buffer / Adam exp_avg
         self.second = torch.zeros_like(params)  # Adam exp_avg_sq
-        self.shape = (-1,) + (1,) * (params.dim() - 1)
+        self.prefixes: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def prefix(self, a: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first a models' parameters and states: views made once per a (a step is small enough that
+        slicing would be a visible part of it)."""
+        if a not in self.prefixes:
+            self.prefixes[a] = (self.params[:a], self.first[:a], self.second[:a])
+        return self.prefixes[a]
 
     def corrections(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(-lr / (1 - b1^t), sqrt(1 - b2^t)) for each step count t (float64, then float32 as applied), with
-        torch.optim.Adam's defaults b1, b2: computed for a whole epoch at once, indexed per step."""
+        torch.optim.Adam's defaults b1, b2: computed for a whole epoch at once, shaped counts.shape + (1, ...)
+        to broadcast over a model's parameters, indexed per step."""
         t = counts.double()
-        return (-self.cfg.lr / (1 - 0.9 ** t)).float(), ((1 - 0.999 ** t) ** 0.5).float()
+        shape = counts.shape + (1,) * (self.params.dim() - 1)
+        return (-self.cfg.lr / (1 - 0.9 ** t)).float().view(shape), ((1 - 0.999 ** t) ** 0.5).float().view(shape)
 
     def step(self, grad: torch.Tensor, a: int, corrections: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """corrections: corrections(counts of the first a models) (Adam only)."""
-        cfg, param = self.cfg, self.params[:a]
+        """corrections: the first a models' rows of corrections(counts) (Adam only)."""
+        cfg = self.cfg
+        param, first, second = self.prefix(a)
         if cfg.weight_decay:
             grad = grad.add(param, alpha=cfg.weight_decay)
         if cfg.optimizer == "sgd":
             if cfg.momentum:
-                grad = self.first[:a].mul_(cfg.momentum).add_(grad)  # torch's first step: buf = grad, the same
+                grad = first.mul_(cfg.momentum).add_(grad)  # torch's first step: buf = grad, the same
             param.add_(grad, alpha=-cfg.lr)
             return
         b1, b2 = 0.9, 0.999  # torch.optim.Adam's defaults
-        neg_step_size, bc2_sqrt = (c.view(self.shape) for c in corrections)
-        m = self.first[:a].lerp_(grad, 1 - b1)
-        v = self.second[:a].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        neg_step_size, bc2_sqrt = corrections
+        m = first.lerp_(grad, 1 - b1)
+        v = second.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         denom = v.sqrt().div_(bc2_sqrt).add_(1e-8)
         param.addcdiv_(m * neg_step_size, denom)  # p - (lr_t m) / denom, bit for bit: negation is exact
 
@@ -292,17 +302,27 @@ def train_classifiers(models: list[nn.Linear], datasets: list[Data], cfg: OptimC
     # e counts[j] + t + 1
     per_epoch = torch.tensor(counts, device=device)
     first_counts = torch.arange(1, len(n_active) + 1, device=device)[:, None].expand(-1, len(counts))
+    # each epoch's per-step pieces are cut by a few whole-epoch calls (the models stepping at t are the
+    # first n_active[t]), as a step is small enough that indexing per step would be a visible part of it
+    active = torch.arange(len(models), device=device)[None] < torch.tensor(n_active, device=device)[:, None]
+    step_rows = [a * batch for a in n_active]
+    # step t's records are gathered into the first n_active[t] slots of one buffer: its views are made once
+    x_buffer = torch.empty(len(models), batch, dim + 1, dtype=stack.dtype, device=device)
+    prefixes = {a: (x_buffer[:a].view(-1, dim + 1), x_buffer[:a], x_buffer[:a].transpose(1, 2), minus_one[:a], totals[:a])
+                for a in set(n_active)}
     for epoch in range(cfg.epochs):
         idx, weight = (t.to(device) for t in epoch_batches(sizes, batch, [gens[k] for k in order]))
-        neg_step, bc2 = optimizer.corrections(first_counts + epoch * per_epoch)
-        for t, a in enumerate(n_active):
-            ids, w, params = idx[t, :a].view(-1), weight[t, :a], stack[:a]
-            x = x_all.index_select(0, ids).view(a, batch, dim + 1)
-            y = y_all.index_select(0, ids).view(a, 1, batch)
+        neg_step, bc2 = (c[active].split(n_active) for c in optimizer.corrections(first_counts + epoch * per_epoch))
+        ids = idx[active]  # (sum of n_active, batch): the active models' batches, step after step
+        steps = zip(n_active, ids.view(-1).split(step_rows), y_all[ids].unsqueeze(1).split(n_active),
+                    weight[active].split(n_active), neg_step, bc2)
+        for a, ids_t, y, w, neg_step_t, bc2_t in steps:
+            params, (rows_t, x, x_t, minus, total) = optimizer.prefix(a)[0], prefixes[a]
+            torch.index_select(x_all, 0, ids_t, out=rows_t)
             # classes x records (W x^T, not x W^T): with few classes, BLAS is about twice as fast this way
-            logp = torch.log_softmax(torch.bmm(params, x.transpose(1, 2)), 1)
+            logp = torch.log_softmax(torch.bmm(params, x_t), 1)
             loss_sum = logp.gather(1, y).mul_(w).sum((1, 2))  # minus the loss
-            g = logp.exp_().scatter_add_(1, y, minus_one[:a]).mul_(w)
+            g = logp.exp_().scatter_add_(1, y, minus).mul_(w)
             grad = torch.bmm(g, x)
             if penalty is not None:
                 leaves = {"weight": params[..., :dim].detach().requires_grad_(),
@@ -312,8 +332,8 @@ def train_classifiers(models: list[nn.Linear], datasets: list[Data], cfg: OptimC
                 grad[..., :dim] += extra_w
                 grad[..., dim] += extra_b
                 loss_sum = (value.detach() - loss_sum).neg_()  # -(loss + penalty), as before
-            optimizer.step(grad, a, (neg_step[t, :a], bc2[t, :a]))
-            totals[:a] -= loss_sum
+            optimizer.step(grad, a, (neg_step_t, bc2_t))
+            total -= loss_sum
     losses = (totals / (per_epoch * cfg.epochs).clamp(min=1)).tolist()
     with torch.no_grad():
         for j, k in enumerate(order):
