@@ -20,8 +20,9 @@ the final phase would otherwise pay) are timed apart, as the process's torch imp
 The bound is the method's matrix-multiply FLOPs (torch's FlopCounterMode over one
 round and over the final phase -- downstream training, synthesis, fidelity and audit --, so
 rounds x round FLOPs + final FLOPs) divided by the FLOP/s this machine reaches on a large float32
-matmul, measured in the same process with the same threads. Element-wise work is not counted, so the
-bound is optimistic: a ratio near 1 is unreachable for small models.
+matmul, measured in the same process with the same threads, before and after the run (the larger
+kept). Element-wise work is not counted, so the bound is optimistic: a ratio near 1 is unreachable
+for small models.
 """
 from __future__ import annotations
 
@@ -128,6 +129,9 @@ def measure(name: str, db_path: Path, n_clients: int, rounds: int, threads: int,
     with FlopCounterMode(display=False) as fc:
         counted.finish()
     final_flops = fc.get_total_flops()
+    # measured again after the run, the larger kept: a neighbour's burst during one measurement would
+    # otherwise lower the bound and flatter the ratio
+    peak = max(peak, matmul_flops_per_s())
     n_rounds = rounds if counted.federated else 0
     flops = n_rounds * round_flops + final_flops
     records = n_rounds * epochs_per_round(method.cfg) * n_train
