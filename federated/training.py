@@ -188,7 +188,7 @@ def fit_classifiers(datasets: list[Data], n_classes: int, cfg: OptimConfig, gens
     """One new linear classifier per (x, y) (+ appended[i], as train_classifiers), initialised from and
     shuffled by its own generator."""
     models = [new_classifier(x.shape[1], n_classes, g, x.device) for (x, _), g in zip(datasets, gens)]
-    train_classifiers(models, datasets, cfg, gens, appended=appended)
+    train_classifiers(models, datasets, cfg, gens, appended=appended, with_losses=False)
     return models
 
 
@@ -262,15 +262,17 @@ StackedPenalty = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
 def train_classifiers(models: list[nn.Linear], datasets: list[Data], cfg: OptimConfig, gens: list[torch.Generator],
-                      *, penalty: StackedPenalty | None = None, appended: list[Data | None] | None = None) -> list[float]:
+                      *, penalty: StackedPenalty | None = None, appended: list[Data | None] | None = None,
+                      with_losses: bool = True) -> list[float] | None:
     """Trains each linear model on its own (x, y) as train_epochs would train it alone (its generator
     shuffles every epoch; it steps only when it has a batch; a fresh optimiser), but stacked: one
     batched forward/backward and one optimiser update for all models per iteration. Small models are
     dominated by per-step overhead, so K clients cost about one. The cross-entropy gradient is closed-form;
     penalty({"weight": (A, C, D), "bias": (A, C)}) -> (A,) adds a term per model, the same function of
     each model's own parameters (e.g. FedProx's proximal term), differentiated by autograd. Returns each
-    model's mean step loss (with its penalty). appended[i] (e.g. an anonymizer's synthetic records) trains
-    model i as if concatenated after datasets[i], without the copy."""
+    model's mean step loss (with its penalty), or None with with_losses=False (the loss is four small kernels
+    a step, 10-15 % of a step's fixed cost, that a caller discarding it skips). appended[i] (e.g. an
+    anonymizer's synthetic records) trains model i as if concatenated after datasets[i], without the copy."""
     device = models[0].weight.device
     parts = [[d] if extra is None else [d, extra] for d, extra in zip(datasets, appended or [None] * len(datasets))]
     # the models are stacked longest-first, so that the models still training at step t are a prefix of
@@ -321,7 +323,8 @@ def train_classifiers(models: list[nn.Linear], datasets: list[Data], cfg: OptimC
             torch.index_select(x_all, 0, ids_t, out=rows_t)
             # classes x records (W x^T, not x W^T): with few classes, BLAS is about twice as fast this way
             logp = torch.log_softmax(torch.bmm(params, x_t), 1)
-            loss_sum = logp.gather(1, y).mul_(w).sum((1, 2))  # minus the loss
+            if with_losses:
+                loss_sum = logp.gather(1, y).mul_(w).sum((1, 2))  # minus the loss
             g = logp.exp_().scatter_add_(1, y, minus).mul_(w)
             grad = torch.bmm(g, x)
             if penalty is not None:
@@ -331,13 +334,17 @@ def train_classifiers(models: list[nn.Linear], datasets: list[Data], cfg: OptimC
                 extra_w, extra_b = torch.autograd.grad(value.sum(), list(leaves.values()))
                 grad[..., :dim] += extra_w
                 grad[..., dim] += extra_b
-                loss_sum = (value.detach() - loss_sum).neg_()  # -(loss + penalty), as before
+                if with_losses:
+                    loss_sum = (value.detach() - loss_sum).neg_()  # -(loss + penalty), as before
             optimizer.step(grad, a, (neg_step_t, bc2_t))
-            total -= loss_sum
-    losses = (totals / (per_epoch * cfg.epochs).clamp(min=1)).tolist()
+            if with_losses:
+                total -= loss_sum
     with torch.no_grad():
         for j, k in enumerate(order):
             models[k].weight.copy_(stack[j, :, :dim]), models[k].bias.copy_(stack[j, :, dim])
+    if not with_losses:
+        return None
+    losses = (totals / (per_epoch * cfg.epochs).clamp(min=1)).tolist()
     return [losses[order.index(k)] for k in range(len(models))]
 
 

@@ -291,6 +291,12 @@ def test_batched_classifiers_equal_training_each_alone(optimizer, mu):
         torch.testing.assert_close(batched[k].weight, alone.weight, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(batched[k].bias, alone.bias, rtol=1e-5, atol=1e-6)
         assert losses[k] == pytest.approx(loss, rel=1e-5)
+    # without the losses (downstream fits discard them) the same models, to the last bit
+    quiet = [new_classifier(8, 3, torch.Generator().manual_seed(10 + k), torch.device("cpu")) for k in range(3)]
+    assert train_classifiers(quiet, data, cfg, [torch.Generator().manual_seed(20 + k) for k in range(3)],
+                             penalty=stacked if mu else None, with_losses=False) is None
+    for q, b in zip(quiet, batched):
+        assert torch.equal(q.weight, b.weight) and torch.equal(q.bias, b.bias)
 
 
 def test_a_lock_that_cannot_be_taken_refuses_the_run(tmp_path, monkeypatch):
