@@ -52,3 +52,18 @@ def test_a_measured_run_splits_into_calibration_rounds_and_final_phase(tiny_db):
     assert r["round_ratio"] > 0 and r["final_ratio"] > 0 and r["final_bound_s"] * r["matmul_flops_per_s"] > 0
     nothing = round_loop.measure("local", tiny_db, n_clients=3, rounds=1, threads=1)  # no rounds, no calibration
     assert nothing["calibration_s"] < 0.01 and nothing["round_ratio"] is None and nothing["final_ratio"] > 0
+
+
+@pytest.mark.slow
+def test_the_trainer_benchmark_times_the_captured_final_phase_workload(tiny_db):
+    """benchmarks/trainer.py takes the final phase's trainer inputs from a real 1-round DP-CVAE run and
+    reports the trainer against its FLOP bound and a per-step cost."""
+    import trainer
+    work = trainer.capture(tiny_db, n_clients=3)
+    assert len(work["models"]) == 4  # three clients and the TSTR classifier
+    assert work["kwargs"]["with_losses"] is False and len(work["kwargs"]["appended"]) == 4
+    slim = trainer.narrowed(work, 2)
+    assert all(x.shape[1] == 2 for x, _ in slim["datasets"]) and trainer.sizes_of(slim) == trainer.sizes_of(work)
+    r = trainer.measure(tiny_db, n_clients=3, repeats=1, narrow=2, threads=1)
+    assert r["steps"] == trainer.steps_of(work) > 0 and r["records"] == sum(trainer.sizes_of(work))
+    assert r["flops"] > 0 and r["ratio"] == pytest.approx(r["wall_s"] / r["bound_s"]) and r["us_per_step"] > 0
