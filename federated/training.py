@@ -310,8 +310,8 @@ def train_classifiers(models: list[nn.Linear], datasets: list[Data], cfg: OptimC
     step_rows = [a * batch for a in n_active]
     # step t's records are gathered into the first n_active[t] slots of one buffer: its views are made once
     x_buffer = torch.empty(len(models), batch, dim + 1, dtype=stack.dtype, device=device)
-    prefixes = {a: (x_buffer[:a].view(-1, dim + 1), x_buffer[:a], x_buffer[:a].transpose(1, 2), minus_one[:a], totals[:a])
-                for a in set(n_active)}
+    prefixes = {a: (x_buffer[:a].view(-1, dim + 1), x_buffer[:a], x_buffer[:a].transpose(1, 2),
+                    minus_one[:a], totals[:a]) for a in set(n_active)}
     for epoch in range(cfg.epochs):
         idx, weight = (t.to(device) for t in epoch_batches(sizes, batch, [gens[k] for k in order]))
         neg_step, bc2 = (c[active].split(n_active) for c in optimizer.corrections(first_counts + epoch * per_epoch))
