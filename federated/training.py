@@ -310,8 +310,8 @@ def train_classifiers(models: list[nn.Linear], datasets: list[Data], cfg: OptimC
     step_rows = [a * batch for a in n_active]
     # step t's records are gathered into the first n_active[t] slots of one buffer: its views are made once
     x_buffer = torch.empty(len(models), batch, dim + 1, dtype=stack.dtype, device=device)
-    prefixes = {a: (x_buffer[:a].view(-1, dim + 1), x_buffer[:a], x_buffer[:a].transpose(1, 2),
-                    minus_one[:a], totals[:a]) for a in set(n_active)}
+    prefixes = {a: (optimizer.prefix(a)[0], x_buffer[:a].view(-1, dim + 1), x_buffer[:a],
+                    x_buffer[:a].transpose(1, 2), minus_one[:a], totals[:a]) for a in set(n_active)}
     for epoch in range(cfg.epochs):
         idx, weight = (t.to(device) for t in epoch_batches(sizes, batch, [gens[k] for k in order]))
         neg_step, bc2 = (c[active].split(n_active) for c in optimizer.corrections(first_counts + epoch * per_epoch))
@@ -319,7 +319,7 @@ def train_classifiers(models: list[nn.Linear], datasets: list[Data], cfg: OptimC
         steps = zip(n_active, ids.view(-1).split(step_rows), y_all[ids].unsqueeze(1).split(n_active),
                     weight[active].split(n_active), neg_step, bc2)
         for a, ids_t, y, w, neg_step_t, bc2_t in steps:
-            params, (rows_t, x, x_t, minus, total) = optimizer.prefix(a)[0], prefixes[a]
+            params, rows_t, x, x_t, minus, total = prefixes[a]
             torch.index_select(x_all, 0, ids_t, out=rows_t)
             # classes x records (W x^T, not x W^T): with few classes, BLAS is about twice as fast this way
             logp = torch.log_softmax(torch.bmm(params, x_t), 1)
