@@ -257,13 +257,15 @@ def clipped_grad_sum(model: nn.Module, per_sample_loss: Callable[[], torch.Tenso
         g = g.reshape(n_records, -1, g.shape[-1])            # (B, T, out)
         a = None if inputs[n] is None else inputs[n].reshape(n_records, -1, inputs[n].shape[-1])
         grouped[n] = (g, a)
+        # one row per record (T = 1): |g|^2 serves the weight's and the bias's term (g.sum(1) is g[:, 0])
+        g_sq = g[:, 0].pow(2).sum(-1) if g.shape[1] == 1 else None
         if a is not None:
-            if g.shape[1] == 1:
-                sq_norms += a[:, 0].pow(2).sum(-1) * g[:, 0].pow(2).sum(-1)
+            if g_sq is not None:
+                sq_norms += a[:, 0].pow(2).sum(-1) * g_sq
             else:
                 sq_norms += (torch.einsum("bti,bsi->bts", a, a) * torch.einsum("bto,bso->bts", g, g)).sum((1, 2))
         if a is None or layers[n].bias is not None:
-            sq_norms += g.sum(1).pow(2).sum(-1)
+            sq_norms += g_sq if g_sq is not None else g.sum(1).pow(2).sum(-1)
     norms = sq_norms.clamp(min=0).sqrt()
     factors = clip_factors(norms, max_grad_norm)
     grads = {}

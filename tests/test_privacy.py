@@ -370,23 +370,31 @@ def test_a_step_budget_and_a_cosine_schedule_are_accounted_applied_and_resumable
         assert client["epsilon_spent"] <= 2.0
 
 
+STACKED = sorted(n for n, m in METHODS.items() if getattr(m, "STACKED", False))
+
+
 @pytest.mark.slow
-def test_batched_clients_equal_one_client_after_another_and_resume(tiny_db, tmp_path):
+@pytest.mark.parametrize("method", STACKED)
+def test_batched_clients_equal_one_client_after_another_and_resume(tiny_db, tmp_path, method):
     # uneven step counts (Dirichlet sizes at batch 16; the unit test above covers empty and padded batches)
-    plan = ["--method", "dpcvae", "--rounds", "3", "--gen-batch-size", "16", "--gen-local-epochs", "2",
+    plan = ["--method", method, "--rounds", "3", "--gen-batch-size", "16", "--gen-local-epochs", "2",
             "--gen-lr-schedule", "cosine"]
     run_dp(tiny_db, tmp_path / "a", *plan)
     run_interrupted_then_resumed(run_dp, tiny_db, tmp_path / "b", *plan, "--gen-batch-clients")
-    a, b = results_of(tmp_path / "a", "dpcvae"), results_of(tmp_path / "b", "dpcvae")
+    a, b = results_of(tmp_path / "a", method), results_of(tmp_path / "b", method)
     assert len({c["steps"] for c in a["privacy"]["clients"]}) > 1  # the clients' step counts differ
     for x, y in zip(a["clients"], b["clients"]):
         for key in ("acc", "bacc", "f1_macro"):
             assert y[key] == pytest.approx(x[key], abs=1e-6)
     assert b["privacy"]["clients"] == a["privacy"]["clients"]  # the same ledger, step by step
     losses = [[json.loads(line)["local_train_loss_mean"] for line in
-               next((tmp_path / x).glob("toy/dpcvae/*/seed=1/metrics.jsonl")).read_text().splitlines()] for x in "ab"]
+               next((tmp_path / x).glob(f"toy/{method}/*/seed=1/metrics.jsonl")).read_text().splitlines()] for x in "ab"]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     for x, y in zip(a["fidelity"]["overall"].values(), b["fidelity"]["overall"].values()):
         assert y == pytest.approx(x, rel=1e-4, abs=1e-6)
-    with pytest.raises(UserError, match="no stacked step.*available for: dpcvae"):
-        run_dp(tiny_db, tmp_path / "c", "--method", "dpcgan", "--gen-batch-clients")
+
+
+def test_batched_clients_of_a_method_without_a_stacked_step_is_a_clear_error(tiny_db, tmp_path):
+    unstacked = next(n for n, m in METHODS.items() if issubclass(m, Anonymizer) and not getattr(m, "STACKED", False))
+    with pytest.raises(UserError, match=f"{unstacked} has no stacked step.*available for: {', '.join(STACKED)}"):
+        run_dp(tiny_db, tmp_path / "c", "--method", unstacked, "--gen-batch-clients")

@@ -16,11 +16,12 @@ from torch.nn import functional as F
 from data.flags import section, setting
 from federated.clients import make_generator
 from federated.methods.anonymizer import Anonymizer, AnonymizerConfig
-from federated.methods.dpsgd import DPSGDConfig
+from federated.methods.dpsgd import DPSGDConfig, pad_records
 from federated.methods.base import INIT, SERVER, RunContext
 from models import count_parameters
 from models.cgan import Discriminator, Generator
 from models.init import init_linear_layers_
+from models.stacked import stack_modules, unshare
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class DPCGAN(Anonymizer):
     name = "dpcgan"
     Config = DPCGANConfig
     betas = (0.5, 0.999)
+    STACKED = True
 
     def __init__(self, ctx: RunContext, cfg: DPCGANConfig) -> None:
         super().__init__(ctx, cfg)
@@ -47,14 +49,22 @@ class DPCGAN(Anonymizer):
         self.g_opts = [torch.optim.Adam(g.parameters(), lr=cfg.gen.lr, betas=self.betas, foreach=True) for g in self.generators]
         self.d_opts = [torch.optim.Adam(d.parameters(), lr=cfg.gen.lr, betas=self.betas, foreach=True) for d in self.discriminators]
 
-    def fake(self, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def fake_inputs(self, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent codes and uniform labels of n generated records of client i (its private stream)."""
         z = torch.randn(n, self.cfg.latent, generator=self.latent_gens[i]).to(self.ctx.device)
         y = torch.randint(self.ctx.n_classes, (n,), generator=self.latent_gens[i]).to(self.ctx.device)
+        return z, y
+
+    def fake(self, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        z, y = self.fake_inputs(i, n)
         return self.generators[i](z, y), y
+
+    def n_fake(self, i: int) -> int:
+        return max(1, round(self.expected_batch(i)))
 
     def local_train(self, i: int, rnd: int) -> tuple[dict[str, torch.Tensor], float]:
         client, G, D = self.ctx.clients[i], self.generators[i], self.discriminators[i]
-        n_fake = max(1, round(self.expected_batch(i)))
+        n_fake = self.n_fake(i)
         total, steps = 0.0, 0
         for step in range(self.local_steps(i)):
             self.schedule_lr(i, rnd, step, self.d_opts[i], self.g_opts[i])
@@ -82,6 +92,57 @@ class DPCGAN(Anonymizer):
             self.g_opts[i].step()
             total, steps = total + float(g_loss.detach()), steps + 1
         return {k: v.detach().clone() for k, v in G.state_dict().items()}, total / max(steps, 1)
+
+    def stacked_round(self, indices: list[int], rnd: int) -> list[tuple[dict[str, torch.Tensor], float]]:
+        """local_train for the clients `indices` at once, their generators and discriminators stacked
+        (models.stacked): the same draws from each client's streams in the same order, one batched forward
+        and backward per step; generated batches padded to the largest client's, padding masked out."""
+        Gs, Ds = [self.generators[i] for i in indices], [self.discriminators[i] for i in indices]
+        G, D = stack_modules(Gs), stack_modules(Ds)
+        totals = [0.0] * len(indices)
+
+        def fake_losses(clients: list[int], target: float, grad: bool) -> torch.Tensor:
+            """Each client's mean BCE of D on a fresh generated batch of its own size: (K,)."""
+            (z, y), mask = pad_records([self.fake_inputs(i, self.n_fake(i)) for i in clients], self.ctx.device)
+            with torch.set_grad_enabled(grad):
+                x = G(z, y)
+            logits = D(x, y)
+            bce = F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target), reduction="none")
+            return (bce * mask).sum(1) / mask.sum(1)
+
+        def stacked_grads(loss: torch.Tensor, stacked: torch.nn.Module) -> dict[str, torch.Tensor]:
+            names, params = zip(*stacked.named_parameters())  # (copies, *shape) each; copy k is indices[k]
+            return dict(zip(names, torch.autograd.grad(loss, params)))
+
+        def real_loss(stacked: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            logits = stacked(x, y)
+            return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
+        try:
+            for step, active in self.stacked_steps(indices, G, D):
+                clients = [indices[k] for k in active]
+                for i in clients:
+                    self.schedule_lr(i, rnd, step, self.d_opts[i], self.g_opts[i])
+                batches = []
+                for i in clients:
+                    idx = self.poisson_indices(i, self.batch_gens[i]).to(self.ctx.device)
+                    batches.append((self.ctx.clients[i].x_train[idx], self.ctx.clients[i].y_train[idx]))
+                private, _ = self.stacked_private_gradients(clients, D, Ds, real_loss, batches)
+                exact = stacked_grads(fake_losses(clients, 0.0, grad=False).sum(), D)
+                for k, i, own in zip(active, clients, private):
+                    for name, p in self.discriminators[i].named_parameters():
+                        p.grad = own[name] + exact[name][k]
+                    self.d_opts[i].step()
+                g_losses = fake_losses(clients, 1.0, grad=True)
+                g_grads = stacked_grads(g_losses.sum(), G)
+                for k, i, loss in zip(active, clients, g_losses.tolist()):
+                    for name, p in self.generators[i].named_parameters():
+                        p.grad = g_grads[name][k]
+                    self.g_opts[i].step()
+                    totals[k] += loss
+        finally:  # the stacks are dropped: the clients' own parameters get their storage back
+            unshare(Gs + Ds)
+        return [({k: v.detach().clone() for k, v in self.generators[i].state_dict().items()}, t / self.local_steps(i))
+                for i, t in zip(indices, totals)]
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.global_generator.state_dict().items()}
