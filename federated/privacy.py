@@ -289,7 +289,7 @@ def clipped_grad_sums_stacked(model: nn.Module, per_sample_loss: Callable[[], to
     """clipped_grad_sum for K models at once (models.stacked): per_sample_loss() is (K, B), the K
     clients' Poisson batches padded to one length B, and mask (K, B) marks the real records (padding
     contributes nothing). Every trainable parameter must sit in a StackedLinear applied once per record
-    (K: the copies that ran, models.stacked.select_rows). Returns {name: (K, *shape)} sums of clipped
+    (K: the copies that ran, models.stacked.select_first). Returns {name: (K, *shape)} sums of clipped
     per-record gradients and the (K, B) norms."""
     layers = {name: m for name, m in model.named_modules() if type(m).__name__ == "StackedLinear"}
     losses, inputs, outputs = recorded_layers(layers, per_sample_loss, dims=3)

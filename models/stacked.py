@@ -11,28 +11,29 @@ from torch import nn
 
 
 class StackedLinear(nn.Module):
-    """K Linear layers: x (K, B, in) -> (K, B, out), weight (K, out, in), bias (K, out). With `rows` set
-    (select_rows), only those copies run: x (len(rows), B, in)."""
+    """K Linear layers: x (K, B, in) -> (K, B, out), weight (K, out, in), bias (K, out). With `active` set
+    (select_first), only the first `active` copies run, x (active, B, in): a view of the weights, no copy."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.bias = None if bias is None else nn.Parameter(bias)
-        self.rows: torch.Tensor | None = None
+        self.active: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight if self.rows is None else self.weight[self.rows]
+        weight = self.weight if self.active is None else self.weight[:self.active]
         if self.bias is None:
             return torch.bmm(x, weight.transpose(1, 2))
-        bias = self.bias if self.rows is None else self.bias[self.rows]
+        bias = self.bias if self.active is None else self.bias[:self.active]
         return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
 
-def select_rows(stacked: nn.Module, rows: torch.Tensor | None) -> None:
-    """Runs only the copies `rows` of every StackedLinear (None: all of them)."""
+def select_first(stacked: nn.Module, active: int | None) -> None:
+    """Runs only the first `active` copies of every StackedLinear (None: all of them). A caller that
+    drops copies as it goes stacks them in the order they drop out last."""
     for m in stacked.modules():
         if isinstance(m, StackedLinear):
-            m.rows = rows
+            m.active = active
 
 
 def stack_modules(modules: list[nn.Module]) -> nn.Module:

@@ -97,9 +97,10 @@ class DPCGAN(Anonymizer):
         """local_train for the clients `indices` at once, their generators and discriminators stacked
         (models.stacked): the same draws from each client's streams in the same order, one batched forward
         and backward per step; generated batches padded to the largest client's, padding masked out."""
-        Gs, Ds = [self.generators[i] for i in indices], [self.discriminators[i] for i in indices]
+        order = self.stacking_order(indices)
+        Gs, Ds = [self.generators[i] for i in order], [self.discriminators[i] for i in order]
         G, D = stack_modules(Gs), stack_modules(Ds)
-        totals = [0.0] * len(indices)
+        totals = {i: 0.0 for i in indices}
 
         def fake_losses(clients: list[int], target: float, grad: bool) -> torch.Tensor:
             """Each client's mean BCE of D on a fresh generated batch of its own size: (K,)."""
@@ -111,15 +112,14 @@ class DPCGAN(Anonymizer):
             return (bce * mask).sum(1) / mask.sum(1)
 
         def stacked_grads(loss: torch.Tensor, stacked: torch.nn.Module) -> dict[str, torch.Tensor]:
-            names, params = zip(*stacked.named_parameters())  # (copies, *shape) each; copy k is indices[k]
+            names, params = zip(*stacked.named_parameters())  # (copies, *shape) each; copy k is order[k]
             return dict(zip(names, torch.autograd.grad(loss, params)))
 
         def real_loss(stacked: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             logits = stacked(x, y)
             return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
         try:
-            for step, active in self.stacked_steps(indices, G, D):
-                clients = [indices[k] for k in active]
+            for step, clients in self.stacked_steps(order, G, D):
                 for i in clients:
                     self.schedule_lr(i, rnd, step, self.d_opts[i], self.g_opts[i])
                 batches = []
@@ -128,21 +128,21 @@ class DPCGAN(Anonymizer):
                     batches.append((self.ctx.clients[i].x_train[idx], self.ctx.clients[i].y_train[idx]))
                 private, _ = self.stacked_private_gradients(clients, D, Ds, real_loss, batches)
                 exact = stacked_grads(fake_losses(clients, 0.0, grad=False).sum(), D)
-                for k, i, own in zip(active, clients, private):
+                for k, (i, own) in enumerate(zip(clients, private)):
                     for name, p in self.discriminators[i].named_parameters():
                         p.grad = own[name] + exact[name][k]
                     self.d_opts[i].step()
                 g_losses = fake_losses(clients, 1.0, grad=True)
                 g_grads = stacked_grads(g_losses.sum(), G)
-                for k, i, loss in zip(active, clients, g_losses.tolist()):
+                for k, (i, loss) in enumerate(zip(clients, g_losses.tolist())):
                     for name, p in self.generators[i].named_parameters():
                         p.grad = g_grads[name][k]
                     self.g_opts[i].step()
-                    totals[k] += loss
+                    totals[i] += loss
         finally:  # the stacks are dropped: the clients' own parameters get their storage back
             unshare(Gs + Ds)
-        return [({k: v.detach().clone() for k, v in self.generators[i].state_dict().items()}, t / self.local_steps(i))
-                for i, t in zip(indices, totals)]
+        return [({k: v.detach().clone() for k, v in self.generators[i].state_dict().items()}, totals[i] / self.local_steps(i))
+                for i in indices]
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.global_generator.state_dict().items()}

@@ -21,7 +21,7 @@ from federated.clients import poisson_batch
 from federated.methods.base import BATCHES, NOISE, FederatedMethod, RunContext
 from federated.privacy import (ClientAccountant, add_noise, calibrate_noise, clipped_grad_sum,
                                clipped_grad_sums_stacked, epsilon_of)
-from models.stacked import select_rows, stack_modules, unshare
+from models.stacked import select_first, stack_modules, unshare
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -241,37 +241,42 @@ class DPClients(FederatedMethod):
         draw(i, idx): client i's per-record inputs for its batch idx (drawn from its private streams, in
         the order its sequential loop draws them); per_sample_loss(stacked, *inputs) -> (K, B). A client
         with fewer steps than another sits out (no draw, no noise, no step). Equals each client trained
-        alone up to the order of float sums. Returns each client's mean batch loss."""
-        chosen = [models[i] for i in indices]
+        alone up to the order of float sums. Returns each client's mean batch loss, in the order of `indices`."""
+        order = self.stacking_order(indices)
+        chosen = [models[i] for i in order]
         stacked = stack_modules(chosen)
-        totals, counts = [0.0] * len(indices), [0] * len(indices)
+        totals, counts = {i: 0.0 for i in indices}, {i: 0 for i in indices}
         try:
-            for step, active in self.stacked_steps(indices, stacked):
-                clients = [indices[k] for k in active]
+            for step, clients in self.stacked_steps(order, stacked):
                 batches = [draw(i, self.poisson_indices(i, self.batch_gens[i]).to(self.ctx.device)) for i in clients]
                 grads, losses = self.stacked_private_gradients(clients, stacked, models, per_sample_loss, batches)
-                for k, i, own, loss in zip(active, clients, grads, losses):
+                for i, own, loss in zip(clients, grads, losses):
                     for n, p in models[i].named_parameters():
                         p.grad = own[n]
                     self.schedule_lr(i, rnd, step, *optimizers[i])
                     for opt in optimizers[i]:
                         opt.step()
                     if loss is not None:
-                        totals[k], counts[k] = totals[k] + loss, counts[k] + 1
+                        totals[i], counts[i] = totals[i] + loss, counts[i] + 1
         finally:  # the stack is dropped: only the clients' own parameters need their storage back
             unshare(chosen)
-        return [t / max(c, 1) for t, c in zip(totals, counts)]
+        return [totals[i] / max(counts[i], 1) for i in indices]
 
-    def stacked_steps(self, indices: list[int], *stacks: torch.nn.Module) -> Iterator[tuple[int, list[int]]]:
-        """The steps of a stacked round: (step, positions in `indices` of the clients with that step in their
-        plan), every stack set to run only their copies (the others' are not computed)."""
-        plan = [self.local_steps(i) for i in indices]
+    def stacking_order(self, indices: list[int]) -> list[int]:
+        """The clients in the order they are stacked: most steps first (ties in their order), so that the
+        clients with a step left are always the first ones of the stack."""
+        return sorted(indices, key=lambda i: -self.local_steps(i))
+
+    def stacked_steps(self, order: list[int], *stacks: torch.nn.Module) -> Iterator[tuple[int, list[int]]]:
+        """The steps of a stacked round over clients stacked in `order` (stacking_order): (step, the clients
+        with that step in their plan, the first ones of `order`), every stack set to run only their copies
+        (the others' are not computed)."""
+        plan = [self.local_steps(i) for i in order]
         for step in range(max(plan)):
-            active = [k for k in range(len(indices)) if step < plan[k]]
-            rows = None if len(active) == len(indices) else torch.tensor(active, device=self.ctx.device)
+            active = sum(step < n for n in plan)
             for stacked in stacks:
-                select_rows(stacked, rows)
-            yield step, active
+                select_first(stacked, None if active == len(order) else active)
+            yield step, order[:active]
 
     # --- hooks of the round loop -------------------------------------------------------------
     def upload_weight(self, i: int) -> float:
