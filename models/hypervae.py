@@ -35,10 +35,36 @@ class RowBias(nn.Module):
         return x + self.bias
 
 
+class SquaredDistance(torch.autograd.Function):
+    """|a - b|^2 over the last dimension, broadcast over the others, with autograd's own floats but half
+    its backward passes over the broadcast (..., D) differences: the gradient 2 g (a - b) is formed once
+    and reduced to each input's shape, the negation applied after the reduction (exact either way)."""
+
+    generate_vmap_rule = True  # torch.func (the per-sample-gradient reference) maps it like any function
+
+    @staticmethod
+    def forward(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        diff = a - b
+        return diff.pow(2).sum(-1), diff
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: tuple) -> None:
+        ctx.save_for_backward(output[1])
+        ctx.shapes = inputs[0].shape, inputs[1].shape
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (diff,) = ctx.saved_tensors
+        scaled = diff * (2 * grad).unsqueeze(-1)  # = grad * (2 diff): doubling is exact
+        shape_a, shape_b = ctx.shapes
+        return scaled.sum_to_size(shape_a), scaled.sum_to_size(shape_b).neg_()
+
+
 def gaussian_kernel(a: torch.Tensor, b: torch.Tensor, bandwidths: tuple[float, ...]) -> torch.Tensor:
     """Multi-kernel Gaussian k(a, b) = mean_s exp(-|a - b|^2 / (2 s D)), broadcast over leading dims;
     bandwidths s are relative to the dimension D (squared distances grow with D)."""
-    sq = (a - b).pow(2).sum(-1)
+    sq, _ = SquaredDistance.apply(a, b)
     return torch.stack([torch.exp(-sq / (2 * s * a.shape[-1])) for s in bandwidths]).mean(0)
 
 

@@ -10,7 +10,7 @@ from opacus.accountants import RDPAccountant
 
 from federated.privacy import clip_and_sum, clipped_grad_sum, per_sample_grads_vmap
 from federated.fidelity import mmd2_unbiased
-from models.hypervae import HyperClient, HyperNetwork, gaussian_kernel
+from models.hypervae import HyperClient, HyperNetwork, SquaredDistance, gaussian_kernel
 from tests.test_federated import results_of, strip_timing
 from tests.test_privacy import DP_FAST, run_interrupted_then_resumed
 import train
@@ -91,6 +91,25 @@ def test_mmd_is_near_zero_for_one_distribution_and_positive_for_a_shift():
     same = mmd2_unbiased(a, b, kernel)
     shifted = mmd2_unbiased(a, b + 1.0, kernel)
     assert abs(same) < 0.005 and shifted > 0.05, (same, shifted)
+
+
+@pytest.mark.parametrize("pairs", ["within", "across"])
+def test_squared_distance_has_autograds_floats_forward_and_backward(pairs):
+    # the MMD's (B, K, K, D) differences: the same floats as (a - b).pow(2).sum(-1) under autograd, to the bit
+    g = torch.Generator().manual_seed(0)
+    generated, x = torch.randn(7, 4, 33, generator=g), torch.randn(7, 33, generator=g)
+    weights = torch.randn(7, 4, 4, generator=g) if pairs == "within" else torch.randn(7, 4, generator=g)
+    results = []
+    for distance in (lambda a, b: (a - b).pow(2).sum(-1), lambda a, b: SquaredDistance.apply(a, b)[0]):
+        gen, xs = generated.clone().requires_grad_(), x.clone().requires_grad_()
+        a, b = (gen[:, :, None], gen[:, None]) if pairs == "within" else (xs[:, None], gen)
+        sq = distance(a, b)
+        (torch.exp(-sq / 50) * weights).sum().backward()
+        results.append((sq.detach(), gen.grad, xs.grad))
+    (sq0, gen0, x0), (sq1, gen1, x1) = results
+    assert torch.equal(sq0, sq1) and torch.equal(gen0, gen1)
+    assert (x0 is None and x1 is None) if pairs == "within" else torch.equal(x0, x1)
+    assert gen0.abs().sum() > 0
 
 
 def run_hv(db, out, *extra, seeds=("1",)):

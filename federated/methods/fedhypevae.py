@@ -219,7 +219,7 @@ class FedHypeVAE(Anonymizer):
             reg = cfg.lambda_v * model.code.weight.pow(2).sum() + cfg.lambda_lip * lipschitz_penalty(model.hyper)
             reg_grads = dict(zip(map(id, reg_params), torch.autograd.grad(reg, reg_params)))
             for name, p in model.named_parameters():
-                p.grad = grads[name] + reg_grads.get(id(p), 0)
+                p.grad = grads[name] + reg_grads[id(p)] if id(p) in reg_grads else grads[name]
             self.local_opts[i].step()
             self.hyper_opts[i].step()
             project_(model.code.weight, cfg.code_radius)
