@@ -38,7 +38,8 @@ class RowBias(nn.Module):
 class SquaredDistance(torch.autograd.Function):
     """|a - b|^2 over the last dimension, broadcast over the others, with autograd's own floats but half
     its backward passes over the broadcast (..., D) differences: the gradient 2 g (a - b) is formed once
-    and reduced to each input's shape, the negation applied after the reduction (exact either way)."""
+    and reduced to each input's shape, the negation applied after the reduction (exact either way). The
+    differences are a second, non-differentiable output, kept for the backward."""
 
     generate_vmap_rule = True  # torch.func (the per-sample-gradient reference) maps it like any function
 
@@ -52,9 +53,10 @@ class SquaredDistance(torch.autograd.Function):
         ctx.save_for_backward(output[1])
         ctx.shapes = inputs[0].shape, inputs[1].shape
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zero-filled (..., D) gradient for the differences
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward(ctx, grad: torch.Tensor, _: None) -> tuple[torch.Tensor, torch.Tensor]:
         (diff,) = ctx.saved_tensors
         scaled = diff * (2 * grad).unsqueeze(-1)  # = grad * (2 diff): doubling is exact
         shape_a, shape_b = ctx.shapes
