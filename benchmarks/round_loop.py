@@ -219,7 +219,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-rounds", type=int, default=None,
                    help="also print the FLOP lower bound of the Table 1 grid (x 2 splits x 3 seeds) at this many rounds")
     p.add_argument("--batch-clients", action="store_true",
-                   help="time the methods with a stacked round (dpcvae) with --gen-batch-clients")
+                   help="time the methods with a stacked round (dpcgan, dpcvae, fedhypevae) with --gen-batch-clients")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--db", type=Path, default=None, help=argparse.SUPPRESS)
     return p

@@ -26,6 +26,7 @@ from torch.func import functional_call, grad, vmap
 
 from data.flags import setting
 from data.io import UserError
+from models.stacked import Stacked, StackedLinear
 
 ACCOUNTANTS = ("prv", "rdp")
 ROW_LAYERS = ("RowBias", "RowParameter")  # models.hypervae: a parameter added to / broadcast over rows
@@ -211,7 +212,7 @@ def recorded_layers(layers: dict[str, nn.Module], per_sample_loss: Callable[[], 
         def record(module, args, out):
             if name in outputs or out.dim() != dims:
                 raise TypeError(f"{name}: each layer must be applied once, to {dims}-d (..., rows, features)")
-            matrix = isinstance(module, nn.Linear) or type(module).__name__ == "StackedLinear"
+            matrix = isinstance(module, (nn.Linear, StackedLinear))
             inputs[name] = args[0].detach() if matrix else None
             outputs[name] = out
         return record
@@ -288,26 +289,43 @@ def clipped_grad_sums_stacked(model: nn.Module, per_sample_loss: Callable[[], to
                               max_grad_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """clipped_grad_sum for K models at once (models.stacked): per_sample_loss() is (K, B), the K
     clients' Poisson batches padded to one length B, and mask (K, B) marks the real records (padding
-    contributes nothing). Every trainable parameter must sit in a StackedLinear applied once per record
-    (K: the copies that ran, models.stacked.select_first). Returns {name: (K, *shape)} sums of clipped
-    per-record gradients and the (K, B) norms."""
-    layers = {name: m for name, m in model.named_modules() if type(m).__name__ == "StackedLinear"}
+    contributes nothing). Every trainable parameter must sit in a stacked layer (StackedLinear, or a
+    stacked row layer) applied once per forward to (K, B*T, features) rows grouped by record (T rows
+    each; K: the copies that ran, models.stacked.select_first). Returns {name: (K, *shape)} sums of
+    clipped per-record gradients and the (K, B) norms."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, Stacked)}
     losses, inputs, outputs = recorded_layers(layers, per_sample_loss, dims=3)
     names = [n for n in layers if n in outputs]
     out_grads = torch.autograd.grad((losses * mask).sum(), [outputs[n] for n in names])
+    k, b = mask.shape
     sq_norms = torch.zeros(mask.shape, device=mask.device)
-    for n, g in zip(names, out_grads):  # the per-record gradient of a layer is g a^T: |g|^2 |a|^2 (+ |g|^2, bias)
-        sq_norms += inputs[n].pow(2).sum(-1) * g.pow(2).sum(-1)
-        if layers[n].bias is not None:
-            sq_norms += g.pow(2).sum(-1)
+    grouped = {}
+    for n, g in zip(names, out_grads):
+        a, (pname, _) = inputs[n], next(layers[n].named_parameters(recurse=False))
+        if g.shape[1] == b:  # one row per record: the record's gradient is g a^T, |g|^2 |a|^2 (+ |g|^2, a bias)
+            g_sq = g.pow(2).sum(-1)
+            if a is not None:
+                sq_norms += a.pow(2).sum(-1) * g_sq
+            if a is None or layers[n].bias is not None:
+                sq_norms += g_sq
+        else:  # T rows per record: sum_t g_t a_t^T, squared norm sum_{t,t'} (g_t.g_t')(a_t.a_t')
+            g3 = g.reshape(k, b, -1, g.shape[-1])
+            if a is not None:
+                a3 = a.reshape(k, b, -1, a.shape[-1])
+                sq_norms += (torch.einsum("kbti,kbsi->kbts", a3, a3) * torch.einsum("kbto,kbso->kbts", g3, g3)).sum((2, 3))
+            if a is None or layers[n].bias is not None:
+                sq_norms += g3.sum(2).pow(2).sum(-1)
+        grouped[n] = g, a, pname
     norms = sq_norms.clamp(min=0).sqrt()
     factors = clip_factors(norms, max_grad_norm) * mask
     grads = {}
-    for n, g in zip(names, out_grads):
-        scaled = g * factors[..., None]
-        grads[f"{n}.weight"] = torch.bmm(scaled.transpose(1, 2), inputs[n])
-        if layers[n].bias is not None:
-            grads[f"{n}.bias"] = scaled.sum(1)
+    for n, (g, a, pname) in grouped.items():
+        rows = g.shape[1] // b
+        scaled = g * (factors[..., None] if rows == 1 else factors.repeat_interleave(rows, dim=1)[..., None])
+        if a is not None:
+            grads[f"{n}.weight"] = torch.bmm(scaled.transpose(1, 2), a)
+        if a is None or layers[n].bias is not None:
+            grads[f"{n}.{'bias' if a is not None else pname}"] = scaled.sum(1)
     missing = {n for n, _ in model.named_parameters()} - set(grads)
     if missing:
         raise TypeError(f"clipped_grad_sums_stacked: the loss does not use {sorted(missing)}")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from models.cvae import mlp, one_hot
+from models.stacked import Stacked
 
 
 class RowParameter(nn.Module):
@@ -23,6 +24,22 @@ class RowParameter(nn.Module):
     def forward(self, n: int) -> torch.Tensor:
         return self.weight.expand(n, -1)
 
+    @staticmethod
+    def stack(copies: list[RowParameter]) -> StackedRowParameter:
+        return StackedRowParameter(torch.stack([c.weight.detach() for c in copies]))
+
+
+class StackedRowParameter(Stacked):
+    """K RowParameters (models.stacked): weight (K, dim), broadcast to (K, n, dim)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, n: int) -> torch.Tensor:
+        weight = self.first(self.weight)
+        return weight.unsqueeze(1).expand(-1, n, -1)
+
 
 class RowBias(nn.Module):
     """x + b, the base bias b_l of a generated layer."""
@@ -33,6 +50,21 @@ class RowBias(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.bias
+
+    @staticmethod
+    def stack(copies: list[RowBias]) -> StackedRowBias:
+        return StackedRowBias(torch.stack([c.bias.detach() for c in copies]))
+
+
+class StackedRowBias(Stacked):
+    """K RowBiases (models.stacked): x (K, rows, dim) + bias (K, dim)."""
+
+    def __init__(self, bias: torch.Tensor):
+        super().__init__()
+        self.bias = nn.Parameter(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.first(self.bias).unsqueeze(1)
 
 
 class SquaredDistance(torch.autograd.Function):
@@ -136,20 +168,20 @@ class HyperClient(nn.Module):
         mean_{k != k'} k(xh_k, xh_k') - 2 mean_k k(x, xh_k) involves that record alone, so the
         objective stays a sum over records (what per-sample clipping needs); its mean over records
         is the unbiased class-conditional MMD^2 up to the parameter-free E k(x, x')."""
-        b, k = zeta.shape[0], zeta.shape[1]
+        b, k = zeta.shape[-3], zeta.shape[-2]   # any leading dimensions: K stacked clients (models.stacked)
         mu_q, logvar_q = self.encoder(torch.cat([x, one_hot(y, self.n_classes, x.dtype)], -1)).chunk(2, -1)
         z = mu_q + torch.exp(0.5 * logvar_q) * eps
         codes = self.code(b)                                 # one row per record
         mu_p, logvar_p = self.hyper.prior(y, self.hyper.prior_features(codes))
         kl = 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1).sum(-1)
-        z_prior = mu_p[:, None] + torch.exp(0.5 * logvar_p)[:, None] * zeta
-        zz = torch.cat([z[:, None], z_prior], 1).reshape(b * (1 + k), -1)
+        z_prior = mu_p.unsqueeze(-2) + torch.exp(0.5 * logvar_p).unsqueeze(-2) * zeta
+        zz = torch.cat([z.unsqueeze(-2), z_prior], -2).flatten(-3, -2)
         scales, shifts = self.hyper.modulation(codes)          # decoder rows: (1 + K) per record
-        scales, shifts = ([t.repeat_interleave(1 + k, dim=0) for t in ts] for ts in (scales, shifts))
-        out = self.hyper.decode(zz, y.repeat_interleave(1 + k), scales, shifts).reshape(b, 1 + k, -1)
-        recon, generated = out[:, 0], out[:, 1:]
+        scales, shifts = ([t.repeat_interleave(1 + k, dim=-2) for t in ts] for ts in (scales, shifts))
+        out = self.hyper.decode(zz, y.repeat_interleave(1 + k, dim=-1), scales, shifts).unflatten(-2, (b, 1 + k))
+        recon, generated = out[..., 0, :], out[..., 1:, :]
         mse = (recon - x).pow(2).mean(-1)
-        kgg = gaussian_kernel(generated[:, :, None], generated[:, None], bandwidths)   # (B, K, K)
-        self_term = (kgg.sum((1, 2)) - kgg.diagonal(dim1=1, dim2=2).sum(-1)) / (k * (k - 1))
-        cross = gaussian_kernel(x[:, None], generated, bandwidths).mean(-1)
+        kgg = gaussian_kernel(generated.unsqueeze(-2), generated.unsqueeze(-3), bandwidths)   # (B, K, K)
+        self_term = (kgg.sum((-2, -1)) - kgg.diagonal(dim1=-2, dim2=-1).sum(-1)) / (k * (k - 1))
+        cross = gaussian_kernel(x.unsqueeze(-2), generated, bandwidths).mean(-1)
         return mse + beta * kl + lambda_mmd * (self_term - 2 * cross)

@@ -71,6 +71,32 @@ def test_per_record_clipping_through_the_hypernetwork_equals_vmap():
     assert (norms > 15.0).any() and (norms < 15.0).any()
 
 
+def test_stacked_clients_clip_through_the_hypernetwork_as_each_client_alone():
+    from federated.methods.dpsgd import pad_records
+    from federated.privacy import clipped_grad_sums_stacked
+    from models.stacked import select_first, stack_modules
+    models = [tiny_client(seed) for seed in range(3)]
+    g = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(n, 6, generator=g) * 2, torch.randint(3, (n,), generator=g), torch.randn(n, 4, generator=g),
+                torch.randn(n, 3, 4, generator=g)) for n in (6, 2, 0)]  # uneven, one empty batch
+    alone = [clipped_grad_sum(m, lambda m=m, b=b: m.per_sample_loss(*b, **KW), 15.0) if len(b[0]) else None
+             for m, b in zip(models, batches)]
+    stacked = stack_modules(models)
+    assert {type(m).__name__ for m in stacked.modules()} >= {"StackedLinear", "StackedRowBias", "StackedRowParameter"}
+    for active in (3, 2):  # all copies, then the first two only (the third has no step left)
+        select_first(stacked, None if active == 3 else active)
+        padded, mask = pad_records(batches[:active], torch.device("cpu"))
+        sums, norms = clipped_grad_sums_stacked(stacked, lambda: stacked.per_sample_loss(*padded, **KW), mask, 15.0)
+        assert all(s.shape[0] == active for s in sums.values())
+        for k, ref in enumerate(alone[:active]):
+            for name, p in models[k].named_parameters():
+                expected = torch.zeros_like(p) if ref is None else ref[0][name]
+                torch.testing.assert_close(sums[name][k], expected, rtol=1e-4, atol=1e-5)
+            if ref is not None:
+                torch.testing.assert_close(norms[k, :len(ref[1])], ref[1], rtol=1e-5, atol=1e-6)
+    assert (alone[0][1] > 15.0).any() and (alone[0][1] < 15.0).any()  # clipping active for some records only
+
+
 def test_one_outlier_record_moves_the_hypernetwork_update_by_at_most_C():
     m = tiny_client()
     x, y, eps, zeta = torch.randn(6, 6), torch.randint(3, (6,)), torch.randn(6, 4), torch.randn(6, 2, 4)

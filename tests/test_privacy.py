@@ -2,6 +2,7 @@
 epsilon is re-computed independently, and only weights cross the client->server channel."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -394,7 +395,12 @@ def test_batched_clients_equal_one_client_after_another_and_resume(tiny_db, tmp_
         assert y == pytest.approx(x, rel=1e-4, abs=1e-6)
 
 
-def test_batched_clients_of_a_method_without_a_stacked_step_is_a_clear_error(tiny_db, tmp_path):
-    unstacked = next(n for n, m in METHODS.items() if issubclass(m, Anonymizer) and not getattr(m, "STACKED", False))
-    with pytest.raises(UserError, match=f"{unstacked} has no stacked step.*available for: {', '.join(STACKED)}"):
-        run_dp(tiny_db, tmp_path / "c", "--method", unstacked, "--gen-batch-clients")
+DP_SGD_PLAN = {"gen": "--gen-batch-clients", "sgd": "--dp-batch-clients"}  # a method's DP-SGD plan -> its flag
+UNSTACKED = sorted((n, flag) for n, m in METHODS.items() if not getattr(m, "STACKED", False)
+                   for f in dataclasses.fields(m.Config) if (flag := DP_SGD_PLAN.get(f.name)))
+
+
+@pytest.mark.parametrize("method,flag", UNSTACKED)
+def test_batched_clients_of_a_method_without_a_stacked_step_is_a_clear_error(tiny_db, tmp_path, method, flag):
+    with pytest.raises(UserError, match=f"{method} has no stacked step.*available for: {', '.join(STACKED)}"):
+        run_dp(tiny_db, tmp_path / "c", "--method", method, flag)

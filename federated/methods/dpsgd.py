@@ -53,7 +53,7 @@ class DPSGDConfig:
                                   "matmul per layer instead of one per client; each keeps its own batches, clipping, "
                                   "noise, optimiser and accountant; equal to one client after another up to float "
                                   "rounding, which a GAN's training amplifies: DP-CGAN's metrics move by up to ~1 "
-                                  "point). Methods with a stacked step: dpcgan, dpcvae")
+                                  "point). Methods with a stacked step: dpcgan, dpcvae, fedhypevae")
 
 
 class DPClients(FederatedMethod):
@@ -251,16 +251,23 @@ class DPClients(FederatedMethod):
                 batches = [draw(i, self.poisson_indices(i, self.batch_gens[i]).to(self.ctx.device)) for i in clients]
                 grads, losses = self.stacked_private_gradients(clients, stacked, models, per_sample_loss, batches)
                 for i, own, loss in zip(clients, grads, losses):
-                    for n, p in models[i].named_parameters():
-                        p.grad = own[n]
                     self.schedule_lr(i, rnd, step, *optimizers[i])
-                    for opt in optimizers[i]:
-                        opt.step()
+                    self.apply_gradients(i, models[i], own, optimizers[i])
                     if loss is not None:
                         totals[i], counts[i] = totals[i] + loss, counts[i] + 1
         finally:  # the stack is dropped: only the clients' own parameters need their storage back
             unshare(chosen)
         return [totals[i] / max(counts[i], 1) for i in indices]
+
+    def apply_gradients(self, i: int, model: torch.nn.Module, grads: dict[str, torch.Tensor],
+                        optimizers: list[torch.optim.Optimizer]) -> None:
+        """Client i's update from its private gradients (named as model's parameters): each parameter's
+        gradient set, then its optimisers stepped. A method with record-free terms or a projection
+        overrides this one hook, for its sequential and its stacked steps alike."""
+        for n, p in model.named_parameters():
+            p.grad = grads[n]
+        for opt in optimizers:
+            opt.step()
 
     def stacking_order(self, indices: list[int]) -> list[int]:
         """The clients in the order they are stacked: most steps first (ties in their order), so that the

@@ -144,6 +144,7 @@ def class_moments(sums: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.
 class FedHypeVAE(Anonymizer):
     name = "fedhypevae"
     Config = FedHypeVAEConfig
+    STACKED = True
 
     def __init__(self, ctx: RunContext, cfg: FedHypeVAEConfig) -> None:
         if cfg.mmd_samples < 2:
@@ -214,19 +215,39 @@ class FedHypeVAE(Anonymizer):
             zeta = torch.randn(len(idx), cfg.mmd_samples, cfg.latent, generator=self.latent_gens[i]).to(x)
             grads, loss = self.private_gradients(i, model, lambda: model.per_sample_loss(
                 x, y, eps, zeta, beta=cfg.beta, lambda_mmd=cfg.lambda_mmd, bandwidths=cfg.mmd_bandwidths), len(idx))
-            # record-free regularisers (Eq. 5): exact gradients, no privacy cost
-            reg_params = [model.code.weight, *[m.weight for m in model.hyper.hyper_layers()]]
-            reg = cfg.lambda_v * model.code.weight.pow(2).sum() + cfg.lambda_lip * lipschitz_penalty(model.hyper)
-            reg_grads = dict(zip(map(id, reg_params), torch.autograd.grad(reg, reg_params)))
-            for name, p in model.named_parameters():
-                p.grad = grads[name] + reg_grads[id(p)] if id(p) in reg_grads else grads[name]
-            self.local_opts[i].step()
-            self.hyper_opts[i].step()
-            project_(model.code.weight, cfg.code_radius)
+            self.apply_gradients(i, model, grads, [self.local_opts[i], self.hyper_opts[i]])
             if loss is not None:
                 total, steps = total + loss, steps + 1
         update = {k: start[k] - v.detach() for k, v in model.hyper.state_dict().items()}
         return update, total / max(steps, 1)
+
+    def apply_gradients(self, i: int, model: HyperClient, grads: dict[str, torch.Tensor],
+                        optimizers: list[torch.optim.Optimizer]) -> None:
+        """The private gradients plus the record-free regularisers' exact ones (Eq. 5: no privacy cost),
+        then the steps and the projection of the code onto its ball."""
+        cfg = self.cfg
+        reg_params = [model.code.weight, *[m.weight for m in model.hyper.hyper_layers()]]
+        reg = cfg.lambda_v * model.code.weight.pow(2).sum() + cfg.lambda_lip * lipschitz_penalty(model.hyper)
+        reg_grads = dict(zip(map(id, reg_params), torch.autograd.grad(reg, reg_params)))
+        super().apply_gradients(i, model, {name: grads[name] + reg_grads[id(p)] if id(p) in reg_grads else grads[name]
+                                           for name, p in model.named_parameters()}, optimizers)
+        project_(model.code.weight, cfg.code_radius)
+
+    def stacked_round(self, indices: list[int], rnd: int) -> list[tuple[dict[str, torch.Tensor], float]]:
+        starts = {i: {k: v.detach().clone() for k, v in self.models[i].hyper.state_dict().items()} for i in indices}
+        cfg = self.cfg
+
+        def draw(i: int, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:  # local_train's draws, in its order
+            client, gen = self.ctx.clients[i], self.latent_gens[i]
+            x, y = client.x_train[idx], client.y_train[idx]
+            eps = torch.randn(len(idx), cfg.latent, generator=gen).to(x)
+            return x, y, eps, torch.randn(len(idx), cfg.mmd_samples, cfg.latent, generator=gen).to(x)
+        losses = self.train_stacked(
+            indices, rnd, self.models, [[self.local_opts[i], self.hyper_opts[i]] for i in range(len(self.models))], draw,
+            lambda stacked, x, y, eps, zeta: stacked.per_sample_loss(x, y, eps, zeta, beta=cfg.beta, lambda_mmd=cfg.lambda_mmd,
+                                                                     bandwidths=cfg.mmd_bandwidths))
+        return [({k: starts[i][k] - v.detach() for k, v in self.models[i].hyper.state_dict().items()}, loss)
+                for i, loss in zip(indices, losses)]
 
     def aggregate(self, payloads: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """Phi <- Phi - sum_i w_i * (client i's privatised update), then spectral projection."""
