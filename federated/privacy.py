@@ -225,6 +225,22 @@ def recorded_layers(layers: dict[str, nn.Module], per_sample_loss: Callable[[], 
     return losses, inputs, outputs
 
 
+def add_record_sq_norms_(sq_norms: torch.Tensor, g: torch.Tensor, a: torch.Tensor | None, *, with_bias: bool) -> None:
+    """Adds one layer's terms of each record's squared gradient norm to sq_norms (..., B), from the layer's
+    output gradients g (..., B, T, out) and inputs a (..., B, T, in; None for a row layer, whose parameter's
+    gradient is sum_t g_t). A matrix layer's record gradient is sum_t g_t a_t^T, of squared norm
+    sum_{t,t'} (g_t.g_t')(a_t.a_t'); with one row a record (T = 1) that is |g|^2 |a|^2, and |g|^2 also serves
+    the bias's term (g.sum over T is g[..., 0, :])."""
+    g_sq = g[..., 0, :].pow(2).sum(-1) if g.shape[-2] == 1 else None
+    if a is not None:
+        if g_sq is not None:
+            sq_norms += a[..., 0, :].pow(2).sum(-1) * g_sq
+        else:
+            sq_norms += (torch.einsum("...ti,...si->...ts", a, a) * torch.einsum("...to,...so->...ts", g, g)).sum((-2, -1))
+    if with_bias:
+        sq_norms += g_sq if g_sq is not None else g.sum(-2).pow(2).sum(-1)
+
+
 def clipped_grad_sum(model: nn.Module, per_sample_loss: Callable[[], torch.Tensor],
                      max_grad_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """sum_i clip(grad_i, C) over the B records of a batch, for every trainable parameter of `model`,
@@ -258,15 +274,7 @@ def clipped_grad_sum(model: nn.Module, per_sample_loss: Callable[[], torch.Tenso
         g = g.reshape(n_records, -1, g.shape[-1])            # (B, T, out)
         a = None if inputs[n] is None else inputs[n].reshape(n_records, -1, inputs[n].shape[-1])
         grouped[n] = (g, a)
-        # one row per record (T = 1): |g|^2 serves the weight's and the bias's term (g.sum(1) is g[:, 0])
-        g_sq = g[:, 0].pow(2).sum(-1) if g.shape[1] == 1 else None
-        if a is not None:
-            if g_sq is not None:
-                sq_norms += a[:, 0].pow(2).sum(-1) * g_sq
-            else:
-                sq_norms += (torch.einsum("bti,bsi->bts", a, a) * torch.einsum("bto,bso->bts", g, g)).sum((1, 2))
-        if a is None or layers[n].bias is not None:
-            sq_norms += g_sq if g_sq is not None else g.sum(1).pow(2).sum(-1)
+        add_record_sq_norms_(sq_norms, g, a, with_bias=a is None or layers[n].bias is not None)
     norms = sq_norms.clamp(min=0).sqrt()
     factors = clip_factors(norms, max_grad_norm)
     grads = {}
@@ -301,31 +309,20 @@ def clipped_grad_sums_stacked(model: nn.Module, per_sample_loss: Callable[[], to
     sq_norms = torch.zeros(mask.shape, device=mask.device)
     grouped = {}
     for n, g in zip(names, out_grads):
-        a, (pname, _) = inputs[n], next(layers[n].named_parameters(recurse=False))
-        if g.shape[1] == b:  # one row per record: the record's gradient is g a^T, |g|^2 |a|^2 (+ |g|^2, a bias)
-            g_sq = g.pow(2).sum(-1)
-            if a is not None:
-                sq_norms += a.pow(2).sum(-1) * g_sq
-            if a is None or layers[n].bias is not None:
-                sq_norms += g_sq
-        else:  # T rows per record: sum_t g_t a_t^T, squared norm sum_{t,t'} (g_t.g_t')(a_t.a_t')
-            g3 = g.reshape(k, b, -1, g.shape[-1])
-            if a is not None:
-                a3 = a.reshape(k, b, -1, a.shape[-1])
-                sq_norms += (torch.einsum("kbti,kbsi->kbts", a3, a3) * torch.einsum("kbto,kbso->kbts", g3, g3)).sum((2, 3))
-            if a is None or layers[n].bias is not None:
-                sq_norms += g3.sum(2).pow(2).sum(-1)
-        grouped[n] = g, a, pname
+        g3 = g.reshape(k, b, -1, g.shape[-1])           # (K, B, T, out)
+        a3 = None if inputs[n] is None else inputs[n].reshape(k, b, -1, inputs[n].shape[-1])
+        add_record_sq_norms_(sq_norms, g3, a3, with_bias=a3 is None or layers[n].bias is not None)
+        grouped[n] = g3, inputs[n]
     norms = sq_norms.clamp(min=0).sqrt()
     factors = clip_factors(norms, max_grad_norm) * mask
     grads = {}
-    for n, (g, a, pname) in grouped.items():
-        rows = g.shape[1] // b
-        scaled = g * (factors[..., None] if rows == 1 else factors.repeat_interleave(rows, dim=1)[..., None])
+    for n, (g3, a) in grouped.items():
+        scaled = (g3 * factors[..., None, None]).flatten(1, 2)  # (K, B*T, out), as the layer's rows
         if a is not None:
             grads[f"{n}.weight"] = torch.bmm(scaled.transpose(1, 2), a)
         if a is None or layers[n].bias is not None:
-            grads[f"{n}.{'bias' if a is not None else pname}"] = scaled.sum(1)
+            pname = "bias" if a is not None else next(p for p, _ in layers[n].named_parameters(recurse=False))
+            grads[f"{n}.{pname}"] = scaled.sum(1)
     missing = {n for n, _ in model.named_parameters()} - set(grads)
     if missing:
         raise TypeError(f"clipped_grad_sums_stacked: the loss does not use {sorted(missing)}")

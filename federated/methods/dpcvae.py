@@ -50,32 +50,34 @@ class DPCVAE(Anonymizer):
         self.optimizers = [torch.optim.Adam(m.parameters(), lr=cfg.gen.lr, foreach=True) for m in self.models]
 
     def local_train(self, i: int, rnd: int) -> tuple[dict[str, torch.Tensor], float]:
-        client, model, opt = self.ctx.clients[i], self.models[i], self.optimizers[i]
+        model, opt = self.models[i], self.optimizers[i]
         model.train()
         total, steps = 0.0, 0
         for step in range(self.local_steps(i)):
             self.schedule_lr(i, rnd, step, opt)
             idx = self.poisson_indices(i, self.batch_gens[i]).to(self.ctx.device)
-            x, y = client.x_train[idx], client.y_train[idx]
-            eps = torch.randn(len(idx), self.cfg.latent, generator=self.latent_gens[i]).to(x)
-            grads, loss = self.private_gradients(i, model, lambda: model.per_sample_loss(x, y, eps, self.cfg.beta), len(idx))
-            for name, p in model.named_parameters():
-                p.grad = grads[name]
-            opt.step()
+            batch = self.draw(i, idx)
+            grads, loss = self.private_gradients(i, model, lambda: self.loss_of(model, *batch), len(idx))
+            self.apply_gradients(i, model, grads, [opt])
             if loss is not None:
                 total, steps = total + loss, steps + 1
         return {k: v.detach().clone() for k, v in model.decoder.state_dict().items()}, total / max(steps, 1)
 
+    def draw(self, i: int, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Client i's step inputs for its Poisson batch idx: records, labels and the encoder's noise (its
+        latent stream), drawn in this order by the sequential and the stacked step alike."""
+        client = self.ctx.clients[i]
+        return client.x_train[idx], client.y_train[idx], torch.randn(
+            len(idx), self.cfg.latent, generator=self.latent_gens[i]).to(client.x_train)
+
+    def loss_of(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return model.per_sample_loss(x, y, eps, self.cfg.beta)
+
     def stacked_round(self, indices: list[int], rnd: int) -> list[tuple[dict[str, torch.Tensor], float]]:
         for i in indices:
             self.models[i].train()
-
-        def draw(i: int, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:  # local_train's draws, in its order
-            client = self.ctx.clients[i]
-            return client.x_train[idx], client.y_train[idx], torch.randn(
-                len(idx), self.cfg.latent, generator=self.latent_gens[i]).to(client.x_train)
-        losses = self.train_stacked(indices, rnd, self.models, [[opt] for opt in self.optimizers], draw,
-                                    lambda stacked, x, y, eps: stacked.per_sample_loss(x, y, eps, self.cfg.beta))
+        losses = self.train_stacked(indices, rnd, self.models, [[opt] for opt in self.optimizers], self.draw,
+                                    self.loss_of)
         return [({k: v.detach().clone() for k, v in self.models[i].decoder.state_dict().items()}, loss)
                 for i, loss in zip(indices, losses)]
 

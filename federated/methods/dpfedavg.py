@@ -101,9 +101,7 @@ class DPFedAvg(DPClients):
             idx = self.poisson_indices(i, self.batch_gens[i]).to(self.ctx.device)
             x, y = x_all[idx], y_all[idx]
             grads, loss = self.private_gradients(i, model, lambda: F.cross_entropy(model(x), y, reduction="none"), len(idx))
-            for name, p in model.named_parameters():
-                p.grad = grads[name]
-            opt.step()
+            self.apply_gradients(i, model, grads, [opt])
             if loss is not None:
                 total, steps = total + loss, steps + 1
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, total / max(steps, 1)

@@ -204,22 +204,42 @@ class FedHypeVAE(Anonymizer):
 
     # --- one round on one client ----------------------------------------------------------------
     def local_train(self, i: int, rnd: int) -> tuple[dict[str, torch.Tensor], float]:
-        cfg, client, model = self.cfg, self.ctx.clients[i], self.models[i]
-        start = {k: v.detach().clone() for k, v in model.hyper.state_dict().items()}
+        model = self.models[i]
+        start = self.hyper_state(i)
         total, steps = 0.0, 0
         for step in range(self.local_steps(i)):
-            self.schedule_lr(i, rnd, step, self.local_opts[i], self.hyper_opts[i])
+            self.schedule_lr(i, rnd, step, *self.optimizers_of(i))
             idx = self.poisson_indices(i, self.batch_gens[i]).to(self.ctx.device)
-            x, y = client.x_train[idx], client.y_train[idx]
-            eps = torch.randn(len(idx), cfg.latent, generator=self.latent_gens[i]).to(x)
-            zeta = torch.randn(len(idx), cfg.mmd_samples, cfg.latent, generator=self.latent_gens[i]).to(x)
-            grads, loss = self.private_gradients(i, model, lambda: model.per_sample_loss(
-                x, y, eps, zeta, beta=cfg.beta, lambda_mmd=cfg.lambda_mmd, bandwidths=cfg.mmd_bandwidths), len(idx))
-            self.apply_gradients(i, model, grads, [self.local_opts[i], self.hyper_opts[i]])
+            batch = self.draw(i, idx)
+            grads, loss = self.private_gradients(i, model, lambda: self.loss_of(model, *batch), len(idx))
+            self.apply_gradients(i, model, grads, self.optimizers_of(i))
             if loss is not None:
                 total, steps = total + loss, steps + 1
-        update = {k: start[k] - v.detach() for k, v in model.hyper.state_dict().items()}
-        return update, total / max(steps, 1)
+        return self.hyper_update(i, start), total / max(steps, 1)
+
+    def optimizers_of(self, i: int) -> list[torch.optim.Optimizer]:
+        return [self.local_opts[i], self.hyper_opts[i]]
+
+    def draw(self, i: int, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Client i's step inputs for its Poisson batch idx: records, labels, the encoder's noise eps and
+        the prior samples' zeta (its latent stream), drawn in this order by the sequential and the stacked
+        step alike."""
+        client, gen, cfg = self.ctx.clients[i], self.latent_gens[i], self.cfg
+        x, y = client.x_train[idx], client.y_train[idx]
+        eps = torch.randn(len(idx), cfg.latent, generator=gen).to(x)
+        return x, y, eps, torch.randn(len(idx), cfg.mmd_samples, cfg.latent, generator=gen).to(x)
+
+    def loss_of(self, model: HyperClient, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
+                zeta: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        return model.per_sample_loss(x, y, eps, zeta, beta=cfg.beta, lambda_mmd=cfg.lambda_mmd, bandwidths=cfg.mmd_bandwidths)
+
+    def hyper_state(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.models[i].hyper.state_dict().items()}
+
+    def hyper_update(self, i: int, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What client i sends: its hypernetwork's change over the round, start - now."""
+        return {k: start[k] - v.detach() for k, v in self.models[i].hyper.state_dict().items()}
 
     def apply_gradients(self, i: int, model: HyperClient, grads: dict[str, torch.Tensor],
                         optimizers: list[torch.optim.Optimizer]) -> None:
@@ -234,20 +254,10 @@ class FedHypeVAE(Anonymizer):
         project_(model.code.weight, cfg.code_radius)
 
     def stacked_round(self, indices: list[int], rnd: int) -> list[tuple[dict[str, torch.Tensor], float]]:
-        starts = {i: {k: v.detach().clone() for k, v in self.models[i].hyper.state_dict().items()} for i in indices}
-        cfg = self.cfg
-
-        def draw(i: int, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:  # local_train's draws, in its order
-            client, gen = self.ctx.clients[i], self.latent_gens[i]
-            x, y = client.x_train[idx], client.y_train[idx]
-            eps = torch.randn(len(idx), cfg.latent, generator=gen).to(x)
-            return x, y, eps, torch.randn(len(idx), cfg.mmd_samples, cfg.latent, generator=gen).to(x)
-        losses = self.train_stacked(
-            indices, rnd, self.models, [[self.local_opts[i], self.hyper_opts[i]] for i in range(len(self.models))], draw,
-            lambda stacked, x, y, eps, zeta: stacked.per_sample_loss(x, y, eps, zeta, beta=cfg.beta, lambda_mmd=cfg.lambda_mmd,
-                                                                     bandwidths=cfg.mmd_bandwidths))
-        return [({k: starts[i][k] - v.detach() for k, v in self.models[i].hyper.state_dict().items()}, loss)
-                for i, loss in zip(indices, losses)]
+        starts = {i: self.hyper_state(i) for i in indices}
+        losses = self.train_stacked(indices, rnd, self.models, [self.optimizers_of(i) for i in range(len(self.models))],
+                                    self.draw, self.loss_of)
+        return [(self.hyper_update(i, starts[i]), loss) for i, loss in zip(indices, losses)]
 
     def aggregate(self, payloads: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """Phi <- Phi - sum_i w_i * (client i's privatised update), then spectral projection."""
