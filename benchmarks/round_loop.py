@@ -6,10 +6,12 @@
     python benchmarks/round_loop.py --scaling --methods fedavg dpcvae --rounds 2
     python benchmarks/round_loop.py --real --rounds 1 --grid-rounds 50 --json r1.json   # + Table 1 grid bound
     python benchmarks/round_loop.py --from-json r1.json --grid-rounds 50                # the same, no re-run
+    python benchmarks/round_loop.py --real --methods dpcvae fedhypevae --preset dp-tuned   # a named preset's runs
 
 Default workload: the papers' settings on 25,211 samples of 768-d embeddings (ViT-B size) in 11
 Gaussian class clusters (timing does not depend on the content), 10 clients, Dirichlet alpha = 0.3,
-5 local epochs per round, epsilon = 1: each method's default config, as train.py uses it.
+5 local epochs per round, epsilon = 1: each method's default config, as train.py uses it, or with --preset
+the named preset's (and its number of rounds unless --rounds is given), as `train.py --preset` sets it.
 
 Each method runs in its own process (so peak RSS is its own), with a fresh results folder. Printed
 per method: wall-clock seconds, peak RSS, records processed per second, the FLOP lower bound and the
@@ -45,9 +47,11 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from data.database import load_database, write_synthetic_database  # noqa: E402
+from data.flags import config_from  # noqa: E402
 from data.io import UserError, run_cli  # noqa: E402
 from data.partition import SplitConfig  # noqa: E402
 from federated.clients import build_clients  # noqa: E402
+from federated.config import method_parser, preset_values  # noqa: E402
 from federated.loop import RunInfo, run  # noqa: E402
 from federated.methods import METHODS  # noqa: E402
 from federated.methods.base import RunContext  # noqa: E402
@@ -68,12 +72,13 @@ def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def new_method(name: str, db, split: SplitConfig, rounds: int, batch_clients: bool = False):
+def new_method(name: str, db, split: SplitConfig, rounds: int, batch_clients: bool = False, preset: str | None = None):
     clients = build_clients(db, split, SEED, torch.device("cpu"))
     ctx = RunContext(clients=clients, n_classes=len(db.classes), dim=db.dim, seed=SEED, rounds=rounds,
                      device=torch.device("cpu"))
     cls = METHODS[name]
-    cfg = cls.Config()
+    # the method's flags at their defaults, or at the preset's: the config train.py builds from them
+    cfg = config_from(cls.Config, vars(method_parser(name, others=False, preset=preset).parse_args([])))
     if batch_clients:  # --gen-batch-clients
         cfg = dataclasses.replace(cfg, gen=dataclasses.replace(cfg.gen, batch_clients=True))
     return cls(ctx, cfg)
@@ -89,7 +94,8 @@ def epochs_per_round(cfg) -> int:
     return 0
 
 
-def measure(name: str, db_path: Path, n_clients: int, rounds: int, threads: int, batch_clients: bool = False) -> dict:
+def measure(name: str, db_path: Path, n_clients: int, rounds: int, threads: int, batch_clients: bool = False,
+            preset: str | None = None) -> dict:
     """One method, in this process: a timed run, then FLOPs of one round and of the final phase (of the
     clients one after another even when the timed run stacks them: padding is not useful work)."""
     torch.set_num_threads(threads)
@@ -102,7 +108,7 @@ def measure(name: str, db_path: Path, n_clients: int, rounds: int, threads: int,
     peak = matmul_flops_per_s()
     db = load_database(db_path)
     split = SplitConfig(kind="dirichlet", n_clients=n_clients, alpha=0.3)
-    method = new_method(name, db, split, rounds, batch_clients)
+    method = new_method(name, db, split, rounds, batch_clients, preset)
     n_train = sum(c.n_train for c in method.ctx.clients)
     marks: dict[str, float] = {}
     finish = method.finish
@@ -120,7 +126,7 @@ def measure(name: str, db_path: Path, n_clients: int, rounds: int, threads: int,
         wall = time.perf_counter() - tic
     final, rounds_s = wall - (marks["final"] - tic), marks["final"] - tic - calibration
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    counted = new_method(name, db, split, rounds)
+    counted = new_method(name, db, split, rounds, preset=preset)
     round_flops = 0
     if counted.federated:
         with FlopCounterMode(display=False) as fc:
@@ -135,7 +141,8 @@ def measure(name: str, db_path: Path, n_clients: int, rounds: int, threads: int,
     n_rounds = rounds if counted.federated else 0
     flops = n_rounds * round_flops + final_flops
     records = n_rounds * epochs_per_round(method.cfg) * n_train
-    return {"method": name + (" (batched clients)" if batch_clients else ""), "wall_s": wall, "peak_rss_gb": rss_gb, "records_per_s": records / wall if records else None,
+    label = name + (f" [{preset}]" if preset else "") + (" (batched clients)" if batch_clients else "")
+    return {"method": label, "wall_s": wall, "peak_rss_gb": rss_gb, "records_per_s": records / wall if records else None,
             "flops": flops, "round_flops": round_flops, "matmul_flops_per_s": peak, "bound_s": flops / peak,
             "ratio": wall / (flops / peak), "n_train": n_train, "n_clients": n_clients, "rounds": rounds,
             "dim": db.dim, "threads": threads, "bacc_mean": results["summary"]["bacc_mean"],
@@ -145,10 +152,12 @@ def measure(name: str, db_path: Path, n_clients: int, rounds: int, threads: int,
             "final_bound_s": final_flops / peak, "final_ratio": final / (final_flops / peak) if final_flops else None}
 
 
-def run_child(name: str, db_path: Path, n_clients: int, rounds: int, threads: int, batch_clients: bool = False) -> dict:
+def run_child(name: str, db_path: Path, n_clients: int, rounds: int, threads: int, batch_clients: bool = False,
+              preset: str | None = None) -> dict:
     """measure() in a fresh process, so that each method's peak RSS is its own."""
     cmd = [sys.executable, __file__, "--child", name, "--db", str(db_path), "--clients", str(n_clients),
-           "--rounds", str(rounds), "--threads", str(threads), *(["--batch-clients"] if batch_clients else [])]
+           "--rounds", str(rounds), "--threads", str(threads), *(["--batch-clients"] if batch_clients else []),
+           *(["--preset", preset] if preset else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise UserError(f"benchmark of {name} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
@@ -204,7 +213,11 @@ def grid_bound(rows: list[dict], rounds: int, runs_per_method: int = 6) -> str:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Whole-run speed of every method against a FLOP lower bound.")
     p.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS), help="methods to time")
-    p.add_argument("--rounds", type=int, default=50, help="communication rounds (the papers: 50)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="communication rounds (default: the --preset's, else 50 as the papers)")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="run every method with this named preset of its settings, as train.py --preset (e.g. "
+                        "dp-tuned for dpcvae, fedhypevae, dpgauss; balanced for local, centralized)")
     p.add_argument("--clients", type=int, default=10, help="number of clients")
     p.add_argument("--samples", type=int, default=25_211, help="records of the synthetic workload (OrganSMNIST: 25,211)")
     p.add_argument("--dim", type=int, default=768, help="embedding dimension of the synthetic workload (ViT-B: 768)")
@@ -226,10 +239,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.rounds < 1 or args.clients < 1:
+    # a method without the preset: one line, before anything runs
+    presets = {name: preset_values(name, args.preset) for name in ([args.child] if args.child else args.methods)}
+    rounds = {name: args.rounds or values.get("rounds", 50) for name, values in presets.items()}
+    if args.rounds is not None and args.rounds < 1 or args.clients < 1:
         raise UserError("--rounds and --clients must be >= 1")
     if args.child:
-        print(json.dumps(measure(args.child, args.db, args.clients, args.rounds, args.threads, args.batch_clients)))
+        print(json.dumps(measure(args.child, args.db, args.clients, rounds[args.child], args.threads, args.batch_clients,
+                                 args.preset)))
         return 0
     if args.from_json:
         rows = []
@@ -252,21 +269,22 @@ def main(args: argparse.Namespace) -> int:
         if args.scaling:
             for clients, factor in ((10, 1), (30, 1), (100, 1), (10, 2), (10, 4)):
                 for name in args.methods:
-                    rows.append({**run_child(name, synthetic(factor), clients, args.rounds, args.threads),
+                    rows.append({**run_child(name, synthetic(factor), clients, rounds[name], args.threads,
+                                             preset=args.preset),
                                  "samples_factor": factor})
                     print(f"  {name}: clients {clients}, samples x{factor}: {rows[-1]['wall_s']:.1f} s", flush=True)
-            title = f"Scaling ({args.samples:,} x factor records of {args.dim}-d, {args.rounds} rounds)"
+            title = f"Scaling ({args.samples:,} x factor records of {args.dim}-d, {'/'.join(map(str, sorted(set(rounds.values()))))} rounds)"
         else:
             if args.real and not REAL_DB.exists():
                 raise UserError(f"--real: {REAL_DB} is missing (a clone of this repository has it)")
             db = REAL_DB if args.real else synthetic(1)
             for name in args.methods:
-                rows.append(run_child(name, db, args.clients, args.rounds, args.threads,
-                                      args.batch_clients and getattr(METHODS[name], "STACKED", False)))
+                rows.append(run_child(name, db, args.clients, rounds[name], args.threads,
+                                      args.batch_clients and getattr(METHODS[name], "STACKED", False), args.preset))
                 print(f"  {name}: {rows[-1]['wall_s']:.1f} s", flush=True)
             title = ("Embedded OrganAMNIST database" if args.real else
                      f"Synthetic workload: {args.samples:,} records, {args.dim}-d, {args.classes} classes") + \
-                f", {args.clients} clients, alpha 0.3, {args.rounds} rounds"
+                f", {args.clients} clients, alpha 0.3, {'/'.join(map(str, sorted(set(rounds.values()))))} rounds"
     print_table(rows, title)
     if args.grid_rounds:
         print(grid_bound(rows, args.grid_rounds))

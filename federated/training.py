@@ -127,7 +127,9 @@ def fit_balanced(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: t
     Searched: each w of cfg.synthetic_weights (0 = the real data alone), and for each, each C of
     cfg.c_grid in increasing order, warm-started from the last; kept: the best balanced accuracy on
     (x_val, y_val), ties to the smaller w, then the smaller C. A class without training weight keeps a
-    logit of -1e4.
+    logit of -1e4. model.chosen names the pick and its fit's L-BFGS iterations, and whether they reached
+    cfg.max_iter (or its evaluation budget) before a tolerance stopped them: such a fit is not converged,
+    and its metrics then move with float rounding (docs/results.md, 2026-12-06).
     Why it is fast: the features are centred (exact, as the bias is unpenalised, and far better
     conditioned), the loss and gradient are closed-form (no autograd) and float32 (float64 chose the
     same C on real clients at 2-3x the cost)."""
@@ -142,7 +144,7 @@ def fit_balanced(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: t
     xv = F.normalize(x_val.float(), dim=-1) - centre
     onehot = F.one_hot(y_all, n_classes).float()
     is_syn = torch.arange(len(y_all), device=y_all.device) >= len(y)
-    best: tuple[float, torch.Tensor, torch.Tensor, float, float] | None = None
+    best: tuple[float, torch.Tensor, torch.Tensor, float, float, int, bool] | None = None
     for w in sorted(cfg.synthetic_weights) if has_syn else (0.0,):
         # w = 0: the synthetic rows (after the real ones) would only add zero terms, so they are left out
         rows = slice(None) if w > 0 else slice(0, len(y))
@@ -172,14 +174,19 @@ def fit_balanced(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: t
                 return loss
             if present.sum() > 1:
                 opt.step(objective)
+            # torch's L-BFGS stops at max_iter iterations or max_iter * 5 / 4 evaluations, else by a tolerance
+            state = opt.state[weight]
+            iterations = state.get("n_iter", 0)
+            at_limit = iterations >= cfg.max_iter or state.get("func_evals", 0) >= opt.defaults["max_eval"]
             pred = torch.addmm(bias + offset, xv, weight.T).argmax(1)
             score = client_metrics(y_val, pred)["bacc"] if len(y_val) else 0.0
             if best is None or score > best[0]:
-                best = (score, weight.clone(), bias + offset - weight @ centre, w, c)
+                best = (score, weight.clone(), bias + offset - weight @ centre, w, c, iterations, at_limit)
     model = NormalizedLinearClassifier(x.shape[1], n_classes).to(x.device)
     with torch.no_grad():
         model.weight.copy_(best[1]), model.bias.copy_(best[2])
-    model.chosen = {"synthetic_weight": best[3], "C": best[4], "val_bacc": best[0]}
+    model.chosen = {"synthetic_weight": best[3], "C": best[4], "val_bacc": best[0], "lbfgs_iterations": best[5],
+                    "reached_max_iter": best[6]}
     return model
 
 

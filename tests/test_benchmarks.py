@@ -67,3 +67,14 @@ def test_the_trainer_benchmark_times_the_captured_final_phase_workload(tiny_db):
     r = trainer.measure(tiny_db, n_clients=3, repeats=1, narrow=2, threads=1)
     assert r["steps"] == trainer.steps_of(work) > 0 and r["records"] == sum(trainer.sizes_of(work))
     assert r["flops"] > 0 and r["ratio"] == pytest.approx(r["wall_s"] / r["bound_s"]) and r["us_per_step"] > 0
+
+
+def test_a_preset_times_the_presets_config_and_a_method_without_it_is_refused(tiny_db):
+    from data.database import load_database
+    from data.partition import SplitConfig
+    split = SplitConfig(kind="dirichlet", n_clients=3, alpha=0.3)
+    tuned = round_loop.new_method("local", load_database(tiny_db), split, 1, preset="balanced")
+    assert tuned.cfg.downstream.recipe == "balanced"
+    assert round_loop.new_method("local", load_database(tiny_db), split, 1).cfg.downstream.recipe == "paper"
+    with pytest.raises(UserError, match="--preset 'balanced' is not a preset of fedavg; valid: none"):
+        round_loop.main(round_loop.get_args_parser().parse_args(["--methods", "local", "fedavg", "--preset", "balanced"]))

@@ -277,6 +277,21 @@ def test_the_balanced_recipe_solves_scikit_learns_problem_and_chooses_c_on_valid
     assert math.isclose(float(predict_proba(model, x).sum(1).mean()), 1.0, rel_tol=1e-6)
 
 
+def test_the_balanced_recipe_says_whether_its_chosen_fit_stopped_at_the_iteration_limit():
+    """model.chosen counts the chosen fit's L-BFGS iterations and flags a fit cut off by --downstream-max-iter
+    (not converged), as against one a tolerance stopped."""
+    from federated.training import downstream_default, fit_balanced
+    import dataclasses
+    gen = torch.Generator().manual_seed(3)
+    y = torch.arange(3).repeat(40)
+    x = torch.randn(3, 8, generator=gen)[y] + torch.randn(len(y), 8, generator=gen)
+    cfg = dataclasses.replace(downstream_default(), recipe="balanced", c_grid=(1.0,))
+    cut = fit_balanced(x, y, x, y, 3, dataclasses.replace(cfg, max_iter=4)).chosen  # or its 5 evaluations
+    assert 1 <= cut["lbfgs_iterations"] <= 4 and cut["reached_max_iter"] is True
+    done = fit_balanced(x, y, x, y, 3, dataclasses.replace(cfg, max_iter=2000)).chosen
+    assert 2 < done["lbfgs_iterations"] < 2000 and done["reached_max_iter"] is False
+
+
 def test_the_balanced_recipe_weighs_synthetic_records_by_validation():
     from federated.training import downstream_default, fit_balanced, predict_proba
     import dataclasses

@@ -184,6 +184,18 @@ def test_a_list_flag_added_later_at_its_default_does_not_block_a_finished_run(ti
     assert "finished, skipped" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("method", ["local", "centralized"])
+def test_the_balanced_yardsticks_report_each_pick_and_whether_its_fit_converged(tiny_db, tmp_path, method):
+    run_train(tiny_db, tmp_path / "r", "--method", method, "--preset", "balanced", "--downstream-max-iter", "3")
+    results = results_of(tmp_path / "r", method)
+    choices = results["downstream_choice"]
+    assert sorted(choices) == (sorted(str(c["id"]) for c in results["clients"]) if method == "local" else ["pooled"])
+    for pick in choices.values():  # three iterations are not enough for these fits
+        assert pick["C"] > 0 and 1 <= pick["lbfgs_iterations"] <= 3 and pick["reached_max_iter"] is True
+    run_train(tiny_db, tmp_path / "paper", "--method", method)
+    assert "downstream_choice" not in results_of(tmp_path / "paper", method)
+
+
 def test_reference_aliases(tiny_db, tmp_path):
     run_train(tiny_db, tmp_path / "r", "--algorithm", "normal")
     run_train(tiny_db, tmp_path / "r", "--algorithm", "fedprox")

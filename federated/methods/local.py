@@ -40,6 +40,11 @@ class Local(Method):
     def predict(self, client: ClientData, x: torch.Tensor) -> torch.Tensor:
         return predict_proba(self.models[client.id], x)
 
+    def report(self) -> dict:
+        """The balanced recipe's pick per client (penalty, validation BACC, whether its fit converged), as the
+        anonymizers report theirs."""
+        return choices_block({c.id: self.models.get(c.id) for c in self.ctx.clients})
+
 
 class Centralized(Method):
     name = "centralized"
@@ -55,3 +60,12 @@ class Centralized(Method):
 
     def predict(self, client: ClientData, x: torch.Tensor) -> torch.Tensor:
         return predict_proba(self.model, x)
+
+    def report(self) -> dict:
+        return choices_block({"pooled": getattr(self, "model", None)})
+
+
+def choices_block(models: dict) -> dict:
+    """results.json's downstream_choice block {client: the balanced recipe's pick}; none under the papers' recipe."""
+    chosen = {str(k): m.chosen for k, m in models.items() if hasattr(m, "chosen")}
+    return {"downstream_choice": chosen} if chosen else {}
