@@ -19,6 +19,9 @@ ratio wall / bound; then the parts, each against its own bound: the noise calibr
 FLOP bound: its target is seconds), the rounds (per-round wall / per-round bound) and the final phase. The
 libraries' one-off imports (Opacus's accountants ~1.5-2.5 s, then scikit-learn's PCA and metrics ~0.7 s, which
 the final phase would otherwise pay) are timed apart, as the process's torch import is not timed at all.
+Last, the floor of each part (benchmarks/floor.py): the same round's and final phase's matrix products and Gaussian
+draws replayed alone at their own shapes on this machine, so wall / floor is what the element-wise, dispatch and
+memory work around them costs, and floor / bound what the shapes cost against a large matmul.
 The bound is the method's matrix-multiply FLOPs (torch's FlopCounterMode over one
 round and over the final phase -- downstream training, synthesis, fidelity and audit --, so
 rounds x round FLOPs + final FLOPs) divided by the FLOP/s this machine reaches on a large float32
@@ -56,6 +59,7 @@ from federated.loop import RunInfo, run  # noqa: E402
 from federated.methods import METHODS  # noqa: E402
 from federated.methods.base import RunContext  # noqa: E402
 from federated.runfolder import RunFolder  # noqa: E402
+from floor import KernelLog  # noqa: E402
 
 REAL_DB = ROOT / "assets" / "organamnist_vits14_224"
 SEED = 3407
@@ -127,29 +131,34 @@ def measure(name: str, db_path: Path, n_clients: int, rounds: int, threads: int,
     final, rounds_s = wall - (marks["final"] - tic), marks["final"] - tic - calibration
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     counted = new_method(name, db, split, rounds, preset=preset)
-    round_flops = 0
+    round_flops, round_floor = 0, 0.0
     if counted.federated:
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False) as fc, KernelLog() as kernels:
             counted.run_round(0)
-        round_flops = fc.get_total_flops()
-    with FlopCounterMode(display=False) as fc:
+        round_flops, round_floor = fc.get_total_flops(), kernels.replay_seconds()
+    with FlopCounterMode(display=False) as fc, KernelLog() as kernels:
         counted.finish()
-    final_flops = fc.get_total_flops()
+    final_flops, final_floor = fc.get_total_flops(), kernels.replay_seconds()
     # measured again after the run, the larger kept: a neighbour's burst during one measurement would
     # otherwise lower the bound and flatter the ratio
     peak = max(peak, matmul_flops_per_s())
     n_rounds = rounds if counted.federated else 0
     flops = n_rounds * round_flops + final_flops
+    floor = n_rounds * round_floor + final_floor
     records = n_rounds * epochs_per_round(method.cfg) * n_train
     label = name + (f" [{preset}]" if preset else "") + (" (batched clients)" if batch_clients else "")
     return {"method": label, "wall_s": wall, "peak_rss_gb": rss_gb, "records_per_s": records / wall if records else None,
             "flops": flops, "round_flops": round_flops, "matmul_flops_per_s": peak, "bound_s": flops / peak,
-            "ratio": wall / (flops / peak), "n_train": n_train, "n_clients": n_clients, "rounds": rounds,
+            "ratio": wall / (flops / peak), "floor_s": floor, "floor_ratio": wall / floor if floor else None,
+            "n_train": n_train, "n_clients": n_clients, "rounds": rounds,
             "dim": db.dim, "threads": threads, "bacc_mean": results["summary"]["bacc_mean"],
             # the parts: calibration (accountant work, no FLOP bound), the rounds and the final phase
             "library_imports_s": import_s, "calibration_s": calibration, "rounds_s": rounds_s, "final_s": final,
             "round_ratio": rounds_s / n_rounds / (round_flops / peak) if n_rounds and round_flops else None,
-            "final_bound_s": final_flops / peak, "final_ratio": final / (final_flops / peak) if final_flops else None}
+            "final_bound_s": final_flops / peak, "final_ratio": final / (final_flops / peak) if final_flops else None,
+            # the products and Gaussian draws alone, replayed at their shapes (floor.py): wall / floor is what
+            # the work around them costs
+            "round_floor_s": round_floor if n_rounds else None, "final_floor_s": final_floor}
 
 
 def run_child(name: str, db_path: Path, n_clients: int, rounds: int, threads: int, batch_clients: bool = False,
@@ -186,6 +195,17 @@ def print_table(rows: list[dict], title: str) -> None:
             imported = next((f"{r[k]:.2f}" for k in ("library_imports_s", "accountant_import_s") if k in r), "–")
             print(f"| {r['method']} | {imported} | {r['calibration_s']:.2f} | {r['rounds_s']:.1f} | {per_round} | {ratio(r['round_ratio'])} "
                   f"| {r['final_s']:.1f} | {r['final_bound_s']:.2f} | {ratio(r['final_ratio'])} |")
+    floors = [r for r in rows if "floor_s" in r]  # rows measured before floor.py lack them
+    if floors:
+        print("\n| method | round floor (s) | round wall / floor | final floor (s) | final wall / floor | wall / floor |")
+        print("|---|---|---|---|---|---|")
+        for r in floors:
+            num = (lambda v, fmt: format(v, fmt) if v is not None else "–")
+            per_round = r["rounds_s"] / r["rounds"] / r["round_floor_s"] if r["round_floor_s"] else None
+            final = r["final_s"] / r["final_floor_s"] if r["final_floor_s"] else None
+            print(f"| {r['method']} | {num(r['round_floor_s'], '.2f')} | {num(per_round, '.1f')} | {r['final_floor_s']:.2f} "
+                  f"| {num(final, '.1f')} | {num(r['floor_ratio'], '.1f')} |")
+        print("(floor: the run's matrix products and Gaussian draws alone, replayed at their own shapes: benchmarks/floor.py)")
     if rows:
         print(f"(float32 matmul peak in the same processes: {rows[0]['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
               f"with {rows[0]['threads']} thread(s); dim {rows[0]['dim']})")

@@ -5,6 +5,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -50,6 +51,7 @@ def test_a_measured_run_splits_into_calibration_rounds_and_final_phase(tiny_db):
     assert r["calibration_s"] > 0 and r["rounds_s"] > 0 and r["final_s"] > 0
     assert r["calibration_s"] + r["rounds_s"] + r["final_s"] == pytest.approx(r["wall_s"])
     assert r["round_ratio"] > 0 and r["final_ratio"] > 0 and r["final_bound_s"] * r["matmul_flops_per_s"] > 0
+    assert 0 < r["round_floor_s"] < r["rounds_s"] and 0 < r["final_floor_s"] < r["final_s"] and r["floor_ratio"] > 1
     nothing = round_loop.measure("local", tiny_db, n_clients=3, rounds=1, threads=1)  # no rounds, no calibration
     assert nothing["calibration_s"] < 0.01 and nothing["round_ratio"] is None and nothing["final_ratio"] > 0
 
@@ -78,3 +80,23 @@ def test_a_preset_times_the_presets_config_and_a_method_without_it_is_refused(ti
     assert round_loop.new_method("local", load_database(tiny_db), split, 1).cfg.downstream.recipe == "paper"
     with pytest.raises(UserError, match="--preset 'balanced' is not a preset of fedavg; valid: none"):
         round_loop.main(round_loop.get_args_parser().parse_args(["--methods", "local", "fedavg", "--preset", "balanced"]))
+
+
+def test_the_floor_counts_each_product_and_draw_by_layout_and_replays_them():
+    from floor import KernelLog, build, spec
+    a, b = torch.randn(6, 4), torch.randn(5, 4)
+    gen = torch.Generator().manual_seed(0)
+    with KernelLog() as log:
+        for _ in range(3):
+            a @ b.T                                    # the same product three times: one entry, count 3
+        torch.addmm(torch.zeros(5), b, a.T[:, :5], beta=0.5)  # a transposed slice, a scalar
+        torch.randn(7, 3, generator=gen)
+        a + 1                                          # element-wise: not a kernel of the floor
+    assert sorted(log.calls.values()) == [1, 1, 3] and len(log.calls) == 3
+    ops = {str(func) for func, _, _ in log.calls}
+    assert ops == {"aten.mm.default", "aten.addmm.default", "aten.randn.generator"}
+    assert sum(log.calls.values()) == 5 and 0 < log.replay_seconds() < 1
+    # the stand-ins keep each argument's layout: transposed, sliced and expanded views alike
+    for t in (a.T, a.T[:, :5], torch.randn(4).expand(3, 4), torch.zeros(0, 2)):
+        twin = build(spec(t), gen)
+        assert twin.shape == t.shape and twin.stride() == t.stride() and twin.dtype == t.dtype
