@@ -203,14 +203,16 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 def folder_tag(tag: str | None, split: dict, method_cfg: Any, preset: str | None = None) -> str:
     """The run folder's tag: --tag, or the split's (data.partition.run_tag) plus the downstream recipe
-    when it is not the papers' (e.g. dirichlet_a0.3_c10_balanced) and what the method's config names
+    when it is not the papers' (e.g. dirichlet_a0.3_c10_balanced, and _preconditioned for its other solver) and what the method's config names
     through tag_parts() (e.g. _mix), the --preset, and an epsilon other than the default (_eps2) or
     _nodp, so that variants never share a folder."""
     if tag:
         return tag
     parts = [run_tag(split["kind"], split["alpha"], split["n_clients"])]
-    recipe = getattr(getattr(method_cfg, "downstream", None), "recipe", "paper")
+    downstream = getattr(method_cfg, "downstream", None)
+    recipe, solver = getattr(downstream, "recipe", "paper"), getattr(downstream, "solver", "lbfgs")
     parts += [recipe] if recipe != "paper" else []
+    parts += [solver] if solver != "lbfgs" else []  # another solver, other results: another folder
     for part in [*(method_cfg.tag_parts() if hasattr(method_cfg, "tag_parts") else []), *([preset] if preset else [])]:
         if part not in parts:  # e.g. DP-FedAvg's mix, and a preset of the same name
             parts.append(part)

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from data.flags import setting
 from data.io import UserError
 from federated.clients import shuffled_batches
+from federated.solvers import SOLVERS, Problem
 from models.classifier import LinearClassifier
 from models.init import init_linear_layers_
 
@@ -34,8 +35,8 @@ RECIPES = ("paper", "balanced")
 class ClassifierConfig(OptimConfig):
     """The downstream classifier: the papers' recipe (the optimiser settings) or the strong one."""
     recipe: str = setting("paper", "paper: the optimiser settings of this group, as the papers; balanced: "
-                          "L2-normalised embeddings, class-balanced multinomial logistic regression trained to "
-                          "convergence (L-BFGS), its L2 penalty chosen per client on its own validation BACC",
+                          "L2-normalised embeddings, class-balanced multinomial logistic regression fitted by "
+                          "full-batch L-BFGS, its L2 penalty chosen per client on its own validation BACC",
                           choices=RECIPES)
     c_grid: tuple[float, ...] = setting((1.0, 10.0, 100.0, 1000.0), "balanced recipe: inverse L2 penalties C "
                                         "searched on validation data", metavar="C,C,..")
@@ -44,6 +45,17 @@ class ClassifierConfig(OptimConfig):
                                                    "of a synthetic record relative to a real one, searched with C on "
                                                    "the client's validation BACC (0 = ignore the synthetic data)",
                                                    metavar="W,W,..")
+    solver: str = setting("lbfgs", "balanced recipe: lbfgs on the weights as they are (Table 1's; its weak-penalty fits "
+                          "often stop unconverged at --downstream-max-iter), or preconditioned (the same problem in "
+                          "whitened coordinates: converges in fewer iterations, robust to float rounding; "
+                          "federated/solvers.py)", choices=tuple(SOLVERS))
+
+    def __post_init__(self) -> None:  # checked when the flags are read, before anything is written
+        if self.solver not in SOLVERS:
+            raise UserError(f"--downstream-solver {self.solver!r} is unknown; valid: {', '.join(SOLVERS)}")
+        if self.solver != "lbfgs" and self.recipe != "balanced":
+            raise UserError(f"--downstream-solver {self.solver}: only the balanced recipe has a solver; add "
+                            "--downstream-recipe balanced (or a balanced preset)")
 
 
 def downstream_default() -> ClassifierConfig:
@@ -127,9 +139,10 @@ def fit_balanced(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: t
     Searched: each w of cfg.synthetic_weights (0 = the real data alone), and for each, each C of
     cfg.c_grid in increasing order, warm-started from the last; kept: the best balanced accuracy on
     (x_val, y_val), ties to the smaller w, then the smaller C. A class without training weight keeps a
-    logit of -1e4. model.chosen names the pick and its fit's L-BFGS iterations, and whether they reached
-    cfg.max_iter (or its evaluation budget) before a tolerance stopped them: such a fit is not converged,
-    and its metrics then move with float rounding (docs/results.md, 2026-12-06).
+    logit of -1e4. cfg.solver fits each (w, C) (federated/solvers.py). model.chosen names the pick and its
+    fit's L-BFGS iterations, and whether they reached cfg.max_iter (or its evaluation budget) before a
+    tolerance stopped them: such a fit is not converged, and under the lbfgs solver its metrics then move
+    with float rounding (docs/results.md, 2026-12-06).
     Why it is fast: the features are centred (exact, as the bias is unpenalised, and far better
     conditioned), the loss and gradient are closed-form (no autograd) and float32 (float64 chose the
     same C on real clients at 2-3x the cost)."""
@@ -159,25 +172,12 @@ def fit_balanced(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: t
         offset = torch.where(present, 0.0, -1e4).to(xs)
         weight = torch.zeros(n_classes, x.shape[1], device=x.device)
         bias = torch.zeros(n_classes, device=x.device)
+        classes_present = int(present.sum())
         for c in sorted(cfg.c_grid):
-            opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=cfg.max_iter, history_size=20,
-                                    tolerance_grad=1e-5, tolerance_change=1e-9, line_search_fn="strong_wolfe")
-            penalty = 1.0 / (c * n)
-
-            def objective() -> torch.Tensor:
-                logits = torch.addmm(bias + offset, xs_w, weight.T)
-                lse = torch.logsumexp(logits, 1)
-                loss = torch.dot(record_weight, lse - (logits * onehot_w).sum(1)) + 0.5 * penalty * weight.pow(2).sum()
-                residual = (torch.exp(logits - lse[:, None]) - onehot_w).mul_(record_weight[:, None])
-                weight.grad = torch.addmm(weight, residual.T, xs_w, beta=penalty)
-                bias.grad = residual.sum(0)
-                return loss
-            if present.sum() > 1:
-                opt.step(objective)
-            # torch's L-BFGS stops at max_iter iterations or max_iter * 5 / 4 evaluations, else by a tolerance
-            state = opt.state[weight]
-            iterations = state.get("n_iter", 0)
-            at_limit = iterations >= cfg.max_iter or state.get("func_evals", 0) >= opt.defaults["max_eval"]
+            iterations, at_limit = 0, False
+            if classes_present > 1:
+                problem = Problem(xs_w, onehot_w, record_weight, offset, 1.0 / (c * n), classes_present)
+                iterations, at_limit = SOLVERS[cfg.solver](weight, bias, problem, cfg.max_iter)
             pred = torch.addmm(bias + offset, xv, weight.T).argmax(1)
             score = client_metrics(y_val, pred)["bacc"] if len(y_val) else 0.0
             if best is None or score > best[0]:
