@@ -173,6 +173,10 @@ def run_child(name: str, db_path: Path, n_clients: int, rounds: int, threads: in
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def figure(value: float | None, fmt: str = ".1f") -> str:
+    return format(value, fmt) if value is not None else "–"
+
+
 def print_table(rows: list[dict], title: str) -> None:
     print(f"\n{title}")
     print("| method | clients | train records | rounds | wall (s) | s/round | peak RSS (GB) | records/s | "
@@ -189,22 +193,20 @@ def print_table(rows: list[dict], title: str) -> None:
               "| final wall / bound |")
         print("|---|---|---|---|---|---|---|---|---|")
         for r in parts:
-            ratio = (lambda v: f"{v:.1f}" if v is not None else "–")
             per_round = f"{r['rounds_s'] / r['rounds']:.2f}" if r["round_flops"] else "–"
             # rows measured before scikit-learn's import was timed apart name Opacus's alone
             imported = next((f"{r[k]:.2f}" for k in ("library_imports_s", "accountant_import_s") if k in r), "–")
-            print(f"| {r['method']} | {imported} | {r['calibration_s']:.2f} | {r['rounds_s']:.1f} | {per_round} | {ratio(r['round_ratio'])} "
-                  f"| {r['final_s']:.1f} | {r['final_bound_s']:.2f} | {ratio(r['final_ratio'])} |")
+            print(f"| {r['method']} | {imported} | {r['calibration_s']:.2f} | {r['rounds_s']:.1f} | {per_round} | {figure(r['round_ratio'])} "
+                  f"| {r['final_s']:.1f} | {r['final_bound_s']:.2f} | {figure(r['final_ratio'])} |")
     floors = [r for r in rows if "floor_s" in r]  # rows measured before floor.py lack them
     if floors:
         print("\n| method | round floor (s) | round wall / floor | final floor (s) | final wall / floor | wall / floor |")
         print("|---|---|---|---|---|---|")
         for r in floors:
-            num = (lambda v, fmt: format(v, fmt) if v is not None else "–")
             per_round = r["rounds_s"] / r["rounds"] / r["round_floor_s"] if r["round_floor_s"] else None
             final = r["final_s"] / r["final_floor_s"] if r["final_floor_s"] else None
-            print(f"| {r['method']} | {num(r['round_floor_s'], '.2f')} | {num(per_round, '.1f')} | {r['final_floor_s']:.2f} "
-                  f"| {num(final, '.1f')} | {num(r['floor_ratio'], '.1f')} |")
+            print(f"| {r['method']} | {figure(r['round_floor_s'], '.2f')} | {figure(per_round)} | {r['final_floor_s']:.2f} "
+                  f"| {figure(final)} | {figure(r['floor_ratio'])} |")
         print("(floor: the run's matrix products and Gaussian draws alone, replayed at their own shapes: benchmarks/floor.py)")
     if rows:
         print(f"(float32 matmul peak in the same processes: {rows[0]['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
@@ -262,6 +264,7 @@ def main(args: argparse.Namespace) -> int:
     # a method without the preset: one line, before anything runs
     presets = {name: preset_values(name, args.preset) for name in ([args.child] if args.child else args.methods)}
     rounds = {name: args.rounds or values.get("rounds", 50) for name, values in presets.items()}
+    rounds_label = "/".join(map(str, sorted(set(rounds.values()))))
     if args.rounds is not None and args.rounds < 1 or args.clients < 1:
         raise UserError("--rounds and --clients must be >= 1")
     if args.child:
@@ -293,7 +296,7 @@ def main(args: argparse.Namespace) -> int:
                                              preset=args.preset),
                                  "samples_factor": factor})
                     print(f"  {name}: clients {clients}, samples x{factor}: {rows[-1]['wall_s']:.1f} s", flush=True)
-            title = f"Scaling ({args.samples:,} x factor records of {args.dim}-d, {'/'.join(map(str, sorted(set(rounds.values()))))} rounds)"
+            title = f"Scaling ({args.samples:,} x factor records of {args.dim}-d, {rounds_label} rounds)"
         else:
             if args.real and not REAL_DB.exists():
                 raise UserError(f"--real: {REAL_DB} is missing (a clone of this repository has it)")
@@ -304,7 +307,7 @@ def main(args: argparse.Namespace) -> int:
                 print(f"  {name}: {rows[-1]['wall_s']:.1f} s", flush=True)
             title = ("Embedded OrganAMNIST database" if args.real else
                      f"Synthetic workload: {args.samples:,} records, {args.dim}-d, {args.classes} classes") + \
-                f", {args.clients} clients, alpha 0.3, {'/'.join(map(str, sorted(set(rounds.values()))))} rounds"
+                f", {args.clients} clients, alpha 0.3, {rounds_label} rounds"
     print_table(rows, title)
     if args.grid_rounds:
         print(grid_bound(rows, args.grid_rounds))

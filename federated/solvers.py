@@ -39,15 +39,22 @@ def run_lbfgs(params: list[torch.Tensor], objective: Callable[[], torch.Tensor],
     return iterations, iterations >= max_iter or state.get("func_evals", 0) >= opt.defaults["max_eval"]
 
 
+def data_term(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted cross-entropy of records x under (weight, bias), and its gradient in the logits (the
+    residual r_i (softmax_i - onehot_i)); it sets bias.grad, which no penalty touches."""
+    logits = torch.addmm(bias + p.offset, x, weight.T)
+    lse = torch.logsumexp(logits, 1)
+    loss = torch.dot(p.record_weight, lse - (logits * p.onehot).sum(1))
+    residual = (torch.exp(logits - lse[:, None]) - p.onehot).mul_(p.record_weight[:, None])
+    bias.grad = residual.sum(0)
+    return loss, residual
+
+
 def lbfgs(weight: torch.Tensor, bias: torch.Tensor, p: Problem, max_iter: int) -> tuple[int, bool]:
     def objective() -> torch.Tensor:
-        logits = torch.addmm(bias + p.offset, p.x, weight.T)
-        lse = torch.logsumexp(logits, 1)
-        loss = torch.dot(p.record_weight, lse - (logits * p.onehot).sum(1)) + 0.5 * p.penalty * weight.pow(2).sum()
-        residual = (torch.exp(logits - lse[:, None]) - p.onehot).mul_(p.record_weight[:, None])
+        loss, residual = data_term(weight, bias, p.x, p)
         weight.grad = torch.addmm(weight, residual.T, p.x, beta=p.penalty)
-        bias.grad = residual.sum(0)
-        return loss
+        return loss + 0.5 * p.penalty * weight.pow(2).sum()
     return run_lbfgs([weight, bias], objective, max_iter)
 
 
@@ -61,14 +68,9 @@ def preconditioned(weight: torch.Tensor, bias: torch.Tensor, p: Problem, max_ite
     moved = weight @ (u * scale.sqrt()).to(p.x)           # W' of the warm start
 
     def objective() -> torch.Tensor:
-        logits = torch.addmm(bias + p.offset, z, moved.T)
-        lse = torch.logsumexp(logits, 1)
-        loss = (torch.dot(p.record_weight, lse - (logits * p.onehot).sum(1))
-                + 0.5 * p.penalty * (moved.pow(2) * penalty_scale).sum())
-        residual = (torch.exp(logits - lse[:, None]) - p.onehot).mul_(p.record_weight[:, None])
+        loss, residual = data_term(moved, bias, z, p)
         moved.grad = torch.mm(residual.T, z).add_(moved * penalty_scale, alpha=p.penalty)
-        bias.grad = residual.sum(0)
-        return loss
+        return loss + 0.5 * p.penalty * (moved.pow(2) * penalty_scale).sum()
     out = run_lbfgs([moved, bias], objective, max_iter)
     weight.copy_(moved @ to_z.T)
     return out
